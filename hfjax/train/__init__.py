@@ -1,0 +1,1 @@
+"""Training: loss, train state, optimizer, the jitted sharded step, checkpoints, the loop."""

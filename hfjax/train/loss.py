@@ -1,0 +1,57 @@
+"""Response-only token cross-entropy.
+
+    L = − Σ_t m_t log p_θ(y_{t+1} | y_≤t) / Σ_t m_t,    m_t = [labels_{t+1} ≠ −100]
+
+Labels follow the HF convention: aligned with input_ids, −100 on prompt and padding tokens;
+logits at position t predict labels[t + 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from hfjax.models import forward
+from hfjax.models.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean CE over response tokens, with aux {tokens, accuracy, loss_sum}."""
+    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    safe = jnp.where(mask, targets, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    tokens = mask.sum()
+    denom = jnp.maximum(tokens, 1)
+    loss_sum = jnp.sum(jnp.where(mask, nll, 0.0))
+    correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == safe, False))
+    return loss_sum / denom, {"tokens": tokens, "accuracy": correct / denom, "loss_sum": loss_sum}
+
+
+def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool = False) -> Callable:
+    """`loss_fn(trainable, batch, **forward_kw) -> (loss, aux)` closing over the frozen base.
+
+    LoRA mode: trainable is a `LoRA`, the base `frozen` params are fixed.
+    Full fine-tuning: trainable is the whole params pytree and `frozen` is unused.
+    Extra keyword arguments (`perturb`, `capture`) go to `forward`; captured activations are
+    returned in aux["captured"].
+    """
+
+    def loss_fn(trainable, batch: dict, **forward_kw):
+        if full_finetune:
+            out = forward(cfg, trainable, batch["input_ids"], batch["attention_mask"], **forward_kw)
+        else:
+            out = forward(cfg, frozen, batch["input_ids"], batch["attention_mask"],
+                          lora=trainable, **forward_kw)
+        logits, captured = out if forward_kw.get("capture") else (out, None)
+        loss, aux = token_cross_entropy(logits, batch["labels"])
+        if captured is not None:
+            aux["captured"] = captured
+        return loss, aux
+
+    return loss_fn

@@ -1,0 +1,258 @@
+"""Training core: loss, optimizer, sharded step, checkpoint resume, distributed, full FT."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hfjax import sharding
+from hfjax.models import lora as lora_lib
+from hfjax.models import params as params_lib
+from hfjax.models.config import from_hf_dict
+from hfjax.train import checkpoint, loop, optim, state, step
+from hfjax.train.loss import token_cross_entropy
+
+CFG = from_hf_dict(dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+BASE = params_lib.init_random(CFG, jax.random.key(0))
+LORA = lora_lib.init(CFG, jax.random.key(1), rank=4, alpha=8,
+                     targets=("q_proj", "v_proj", "down_proj"))
+OPT_CFG = optim.OptimizerConfig(learning_rate=1e-2, total_steps=20, weight_decay=0.1,
+                                schedule="cosine", warmup_ratio=0.1)
+WORKER = Path(__file__).parent / "workers" / "train_worker.py"
+
+
+def synthetic_batches(start_step: int, batch: int = 8, length: int = 16):
+    """Deterministic {user: batch} per step: right padding, prompt tokens masked in labels."""
+    i = start_step
+    while True:
+        r = np.random.default_rng(i)
+        ids = r.integers(0, CFG.vocab_size, (batch, length)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[:, length - 1 - i % 4:] = 0
+        labels = np.where(mask == 1, ids, -100).astype(np.int32)
+        labels[:, :4] = -100
+        yield {"user": {"input_ids": ids, "attention_mask": mask, "labels": labels}}
+        i += 1
+
+
+def make_run(mesh_shape, *, full_finetune=False, opt_cfg=OPT_CFG):
+    n = int(np.prod(mesh_shape))
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:n])
+    opt = optim.make_optimizer(opt_cfg)
+    frozen_sh = state.params_shardings(CFG, mesh)
+    frozen = jax.device_put(BASE, frozen_sh)
+    trainable = BASE if full_finetune else LORA
+    st, st_sh = step.init_state(CFG, trainable, opt, mesh=mesh, seed=0,
+                                full_finetune=full_finetune)
+    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
+                              frozen_shardings=frozen_sh, full_finetune=full_finetune,
+                              learning_rate_fn=optim.make_schedule(opt_cfg))
+    return mesh, fn, st, st_sh, frozen
+
+
+def run_losses(mesh_shape, steps=20, **kw):
+    mesh, fn, st, _, frozen = make_run(mesh_shape, **kw)
+    data = synthetic_batches(0)
+    losses = []
+    for _ in range(steps):
+        st, m = fn(st, frozen, step.put_batches(next(data), mesh))
+        losses.append(float(m["loss"]))
+    return np.array(losses), st
+
+
+def test_token_cross_entropy_matches_hand_computed_mean_over_response_tokens():
+    logits = jnp.array([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]])
+    labels = jnp.array([[-100, -100, 1, 2]])  # predict token 1 at t=1 and token 2 at t=2
+    loss, aux = token_cross_entropy(logits, labels)
+    lp = lambda row, k: row[k] - np.log(np.exp(row).sum())  # noqa: E731
+    expected = -(lp(np.array([0.0, 1.0, 0.0]), 1) + lp(np.array([0.0, 0.0, 3.0]), 2)) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert int(aux["tokens"]) == 2
+    assert float(aux["accuracy"]) == 1.0
+
+
+def test_adamw_step_equals_hand_derived_update():
+    c = optim.OptimizerConfig(learning_rate=0.1, weight_decay=0.5, total_steps=10)
+    opt = optim.make_optimizer(c)
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 0.25])}
+    u, _ = opt.update(g, opt.init(p), p)
+    m, v = 0.1 * g["w"] / (1 - 0.9), 0.001 * g["w"] ** 2 / (1 - 0.999)
+    expected = -0.1 * (m / (jnp.sqrt(v) + 1e-8) + 0.5 * p["w"])
+    np.testing.assert_allclose(u["w"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_cosine_schedule_starts_at_zero_and_peaks_after_warmup():
+    s = optim.make_schedule(optim.OptimizerConfig(learning_rate=1.0, schedule="cosine",
+                                                  warmup_ratio=0.1, total_steps=100))
+    assert float(s(0)) == 0.0
+    assert float(s(10)) == pytest.approx(1.0)
+    assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_optimizer_flags_raise_clear_errors():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        optim.OptimizerConfig(schedule="exp")
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        optim.OptimizerConfig(warmup_ratio=1.5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 4, 2)], ids=["data_fsdp", "fsdp_tensor"])
+def test_lora_training_on_8_devices_matches_1_device_for_20_steps(mesh_shape):
+    single, _ = run_losses((1, 1, 1))
+    sharded, _ = run_losses(mesh_shape)
+    assert np.all(np.isfinite(single))
+    np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
+
+
+def test_lora_training_lowers_loss_on_a_repeated_batch():
+    mesh, fn, st, _, frozen = make_run(
+        (1, 1, 1), opt_cfg=optim.OptimizerConfig(learning_rate=5e-2, total_steps=30))
+    batch = step.put_batches(next(synthetic_batches(0)), mesh)
+    losses = []
+    for _ in range(30):
+        st, m = fn(st, frozen, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_full_finetune_shards_weights_and_optimizer_state_and_matches_1_device():
+    single, _ = run_losses((1, 1, 1), steps=6, full_finetune=True)
+    sharded, st = run_losses((1, 4, 2), steps=6, full_finetune=True)
+    np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
+    kernel = st.trainable["layers"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    adam = st.opt_state[-1][0]  # chain(adamw) -> (ScaleByAdamState, ...)
+    assert adam.mu["layers"]["gate_proj"]["kernel"].sharding.spec == kernel.sharding.spec
+    assert adam.nu["embed_tokens"].sharding.spec == st.trainable["embed_tokens"].sharding.spec
+    assert len(adam.mu["embed_tokens"].addressable_shards[0].data) < CFG.vocab_size
+
+
+def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch():
+    c1 = optim.OptimizerConfig(learning_rate=1e-2, total_steps=4)
+    c2 = optim.OptimizerConfig(learning_rate=1e-2, total_steps=4, accumulation_steps=2)
+    _, fn1, s1, _, frozen = make_run((1, 1, 1), opt_cfg=c1)
+    mesh, fn2, s2, _, _ = make_run((1, 1, 1), opt_cfg=c2)
+    full = next(synthetic_batches(3))["user"]
+    full["attention_mask"][:] = 1
+    full["labels"] = np.where(full["labels"] == -100, full["input_ids"], full["labels"])
+    halves = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
+    s1, _ = fn1(s1, frozen, step.put_batches({"user": full}, mesh))
+    for h in halves:
+        s2, _ = fn2(s2, frozen, step.put_batches({"user": h}, mesh))
+    for a, b in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s2.trainable)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_path):
+    mesh, fn, st0, st_sh, frozen = make_run((2, 4, 1))
+    full, hist_full = loop.train(fn, st0, frozen, synthetic_batches, mesh=mesh, num_steps=20,
+                                 progress=False)
+
+    mesh, fn, st0, st_sh, frozen = make_run((2, 4, 1))
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=5, keep=2)
+    _, first = loop.train(fn, st0, frozen, synthetic_batches, mesh=mesh, num_steps=10,
+                          state_shardings=st_sh, checkpointer=ck, progress=False,
+                          metrics_path=tmp_path / "m.jsonl")
+    ck.close()
+    assert first[-1]["step"] == 10
+
+    mesh, fn, fresh, st_sh, frozen = make_run((2, 4, 1))
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=5, keep=2)
+    resumed, second = loop.train(fn, fresh, frozen, synthetic_batches, mesh=mesh, num_steps=20,
+                                 state_shardings=st_sh, checkpointer=ck, progress=False,
+                                 metrics_path=tmp_path / "m.jsonl")
+    ck.close()
+    assert [r["step"] for r in second] == list(range(11, 21))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in hist_full]
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(loop.read_metrics(tmp_path / "m.jsonl")) == 20
+
+
+def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
+    def interrupting(start):
+        for i, b in enumerate(synthetic_batches(start)):
+            if start + i == 3:
+                raise KeyboardInterrupt
+            yield b
+
+    mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=100, keep=1)
+    _, hist = loop.train(fn, st0, frozen, interrupting, mesh=mesh, num_steps=10,
+                         state_shardings=st_sh, checkpointer=ck, progress=False)
+    ck.close()
+    assert len(hist) == 3
+    assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 3
+
+
+def test_length_buckets_compile_once_per_shape():
+    mesh, fn, st, _, frozen = make_run((1, 1, 1))
+    for length in (16, 32, 16, 32, 16):
+        b = next(synthetic_batches(0, length=length))
+        st, _ = fn(st, frozen, step.put_batches(b, mesh))
+    assert fn.compiles == 2
+
+
+def test_frozen_base_is_an_argument_not_a_compiled_constant():
+    mesh, fn, st, _, frozen = make_run((1, 1, 1))
+    b = step.put_batches(next(synthetic_batches(0)), mesh)
+    args_info = fn.fn.lower(st, frozen, b).args_info[0]
+    assert len(jax.tree.leaves(args_info[1])) == len(jax.tree.leaves(frozen))
+    doubled = jax.tree.map(lambda x: x * 2, frozen)
+    _, m1 = fn(jax.tree.map(jnp.copy, st), frozen, b)
+    _, m2 = fn(jax.tree.map(jnp.copy, st), doubled, b)
+    assert float(m1["loss"]) != float(m2["loss"])
+    assert fn.compiles == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_jax_distributed_run_matches_one_process(tmp_path):
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, str(WORKER), str(single), "--devices_per_process", "4"],
+                   check=True, timeout=300)
+    port = _free_port()
+    multi = tmp_path / "multi.json"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(multi), "--process_id", str(i),
+                               "--num_processes", "2", "--port", str(port)])
+             for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert a["devices"] == b["devices"] == 4
+    np.testing.assert_allclose(b["losses"], a["losses"], atol=1e-5, rtol=0)
+
+
+def test_optimizer_receives_the_gradient_oracle_and_all_batches_as_extra_args():
+    seen = {}
+
+    def spy() -> optax.GradientTransformationExtraArgs:
+        def update(updates, st, params=None, *, loss_fn, batches, rng, **_):
+            loss, _ = loss_fn(params, batches["harmful"])
+            seen["harmful_loss"] = loss
+            return updates, st
+        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = optim.make_optimizer(OPT_CFG, pre=[spy()])
+    frozen_sh = state.params_shardings(CFG, mesh)
+    st, st_sh = step.init_state(CFG, LORA, opt, mesh=mesh, seed=0)
+    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
+                              frozen_shardings=frozen_sh)
+    b = next(synthetic_batches(0))
+    b["harmful"] = next(synthetic_batches(5))["user"]
+    fn(st, jax.device_put(BASE, frozen_sh), step.put_batches(b, mesh))
+    assert "harmful_loss" in seen
