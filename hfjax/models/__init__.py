@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from hfjax.models import lora
@@ -35,7 +36,8 @@ __all__ = [
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
     """(ModelConfig, params) from an HF folder (config.json + safetensors) or a .gguf file.
 
-    With `mesh`, every parameter is created sharded and each device reads only its slice.
+    With `mesh`, every parameter is created sharded: from safetensors each device reads only
+    its slice; a GGUF tensor is dequantized whole on the host, then placed sharded.
     """
     path = Path(path)
     if not path.exists():
@@ -43,7 +45,13 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
     if path.suffix == ".gguf":
         from hfjax.models.gguf_io import load_gguf
 
-        return load_gguf(path, dtype=dtype, mesh=mesh)
+        cfg, params = load_gguf(path, dtype=dtype)
+        if mesh is not None:
+            from hfjax.sharding import tree_shardings
+
+            shardings = tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh)
+            params = jax.device_put(params, shardings)
+        return cfg, params
     from hfjax.models.hf_io import load_hf
 
     return load_hf(path, dtype=dtype, mesh=mesh)
