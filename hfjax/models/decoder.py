@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,9 +117,37 @@ def _mlp_activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x)
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for incremental decoding.
+
+    k, v: [L, B, S, Hkv, hd]; valid: [B, S] (slot holds a real token); index: next slot to write;
+    next_pos: [B] the RoPE position of each row's next token (left padding is skipped).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+                   next_pos=jnp.zeros((batch,), jnp.int32))
+
+
 def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, xs):
-    """One decoder layer; `xs` = (layer params, layer LoRA or None, window, ε_l or None)."""
-    layer, layer_lora, window, eps = xs
+    """One decoder layer.
+
+    xs = (layer params, layer LoRA or None, window, ε_l or None, (k, v) cache slices or None).
+    With a cache, the new keys/values are written at slots q_index and attention runs over all
+    S slots (k_valid marks the filled ones); the updated slices are returned with the captures.
+    """
+    layer, layer_lora, window, eps, kv = xs
     b, t, _ = h.shape
     proj_inputs: dict = {}
     proj = lambda x, name: _project(x, layer, layer_lora, name, lora_scale, proj_inputs)  # noqa: E731
@@ -128,7 +157,13 @@ def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, x
     k = proj(x, "k_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = proj(x, "v_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    allowed = attention_mask_bias(q_index, q_index, k_valid, window)
+    k_index = q_index
+    if kv is not None:
+        start = (0, q_index[0], 0, 0)
+        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+        k_index = jnp.arange(k.shape[1])
+    allowed = attention_mask_bias(q_index, k_index, k_valid, window)
     attn = attention(cfg, q, k, v, allowed).reshape(b, t, cfg.num_heads * cfg.head_dim)
     a = proj(attn, "o_proj")
     if cfg.sandwich_norms:
@@ -146,7 +181,7 @@ def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, x
     h = h + m
 
     everything = {"attn_out": attn_out, "mlp_out": m, "residual": h, "proj_inputs": proj_inputs}
-    return h, {name: everything[name] for name in capture}
+    return h, ({name: everything[name] for name in capture}, None if kv is None else (k, v))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -163,6 +198,7 @@ def forward(
     lora: lora_lib.LoRA | None = None,
     perturb: jax.Array | None = None,
     capture: Sequence[str] = (),
+    kv_cache: KVCache | None = None,
 ):
     """Logits [B, T, V] (float32) of a batch of token ids [B, T].
 
@@ -170,6 +206,9 @@ def forward(
     lora: adapters added to the targeted projections (unmerged).
     perturb: [L, B, T, D] added to every layer's attention output a_l (Vaccine's ε).
     capture: names from CAPTURE_NAMES; when given, returns (logits, {name: [L, ...]}).
+    kv_cache: continue from a cache (prefill or decode step): the T tokens are written at slots
+      [index, index + T) and attend to every filled slot; returns (logits, updated cache).
+      attention_mask then marks which of the T new tokens are real (left padding in prefill).
     """
     unknown = set(capture) - set(CAPTURE_NAMES)
     if unknown:
@@ -191,18 +230,32 @@ def forward(
     if cfg.scale_embeddings:
         h = h * jnp.asarray(cfg.hidden_size**0.5, dtype)
 
+    if kv_cache is None:
+        positions, q_index, k_valid, kv = (positions_from_mask(attention_mask), jnp.arange(t),
+                                           attention_mask.astype(bool), None)
+    else:
+        if capture:
+            raise ValueError("capture is not supported together with kv_cache")
+        positions = kv_cache.next_pos[:, None] + positions_from_mask(attention_mask)
+        q_index = kv_cache.index + jnp.arange(t)
+        k_valid = jax.lax.dynamic_update_slice(kv_cache.valid, attention_mask.astype(bool),
+                                               (0, kv_cache.index))
+        kv = (kv_cache.k, kv_cache.v)
     body = lambda carry, xs: _layer(  # noqa: E731
-        cfg, rope_inv_freq(cfg), positions_from_mask(attention_mask), jnp.arange(t),
-        attention_mask.astype(bool), lora.scale if lora is not None else 0.0, tuple(capture),
-        carry, xs,
+        cfg, rope_inv_freq(cfg), positions, q_index, k_valid,
+        lora.scale if lora is not None else 0.0, tuple(capture), carry, xs,
     )
     if cfg.remat:
         body = jax.checkpoint(body)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-    xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb)
-    h, captured = jax.lax.scan(body, h, xs)
+    xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb, kv)
+    h, (captured, new_kv) = jax.lax.scan(body, h, xs)
 
     h = rms_norm(h, params["final_norm"], cfg)
     head = params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = _softcap((h @ head.astype(dtype)).astype(jnp.float32), cfg.final_logit_softcap)
+    if kv_cache is not None:
+        seen = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
+        return logits, KVCache(k=new_kv[0], v=new_kv[1], valid=k_valid, index=kv_cache.index + t,
+                               next_pos=kv_cache.next_pos + seen)
     return (logits, captured) if capture else logits
