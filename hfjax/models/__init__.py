@@ -14,22 +14,34 @@ import jax.numpy as jnp
 
 from hfjax.models import lora
 from hfjax.models.config import ModelConfig, ModelConfigError
-from hfjax.models.decoder import CAPTURE_NAMES, forward
+from hfjax.models.decoder import CAPTURE_NAMES, KVCache, forward
+from hfjax.models.hf_io import load_hf, save_hf
+from hfjax.models.safetensors_reader import (
+    MissingWeightError,
+    SafetensorsError,
+    WeightShapeError,
+)
 from hfjax.models.params import PROJECTIONS, init_random, logical_axes, param_shapes
 
 __all__ = [
     "CAPTURE_NAMES",
+    "KVCache",
+    "MissingWeightError",
     "PROJECTIONS",
+    "SafetensorsError",
+    "WeightShapeError",
     "ModelConfig",
     "ModelConfigError",
     "default_model_path",
     "forward",
     "init_random",
+    "load_hf",
     "load_pretrained",
     "load_tokenizer",
     "logical_axes",
     "lora",
     "param_shapes",
+    "save_hf",
 ]
 
 
@@ -52,8 +64,6 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
             shardings = tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh)
             params = jax.device_put(params, shardings)
         return cfg, params
-    from hfjax.models.hf_io import load_hf
-
     return load_hf(path, dtype=dtype, mesh=mesh)
 
 
