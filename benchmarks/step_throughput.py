@@ -38,8 +38,10 @@ _STEPS = flags.DEFINE_integer("steps", 8, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed warm-up steps (compilation)")
 _REMAT = flags.DEFINE_bool("remat", False, "rematerialize each layer in the backward pass")
 _TORCH_PYTHON = flags.DEFINE_string(
-    "torch_python", os.environ.get("HFJAX_TORCH_PYTHON"),
-    "a python with torch, transformers and peft: runs the PyTorch + PEFT reference")
+    "torch_python",
+    os.environ.get("HFJAX_TORCH_PYTHON"),
+    "a python with torch, transformers and peft: runs the PyTorch + PEFT reference",
+)
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
 
 
@@ -53,8 +55,13 @@ def hardware() -> dict:
     except OSError:
         pass
     dev = jax.devices()[0]
-    return {"jax_backend": jax.default_backend(), "device": dev.device_kind,
-            "devices": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count()}
+    return {
+        "jax_backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "devices": jax.device_count(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+    }
 
 
 def fixed_batch(vocab: int) -> dict:
@@ -79,15 +86,17 @@ def hfjax_lora_sft(path) -> dict:
     cfg, params = models.load_pretrained(path, dtype=dtype)
     cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
     mesh = sharding.make_mesh(1, -1, 1)
-    lora = lora_lib.init(cfg, jax.random.key(0), rank=_RANK.value, alpha=_ALPHA.value,
-                         targets=tuple(_TARGETS.value))
+    lora = lora_lib.init(
+        cfg, jax.random.key(0), rank=_RANK.value, alpha=_ALPHA.value, targets=tuple(_TARGETS.value)
+    )
     opt_cfg = optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000)
     opt = optim.make_optimizer(opt_cfg)
     frozen_sh = state.params_shardings(cfg, mesh)
     frozen = jax.device_put(params, frozen_sh)
     st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh)
+    fn = step.make_train_step(
+        cfg, opt, mesh=mesh, state_shardings=st_sh, frozen_shardings=frozen_sh
+    )
     host = {"user": fixed_batch(cfg.vocab_size)}
     holder = {"state": st}
 
@@ -97,8 +106,12 @@ def hfjax_lora_sft(path) -> dict:
 
     times = time_steps(run_one)
     med = statistics.median(times)
-    return {"step_s": med, "tokens_per_s": _BATCH.value * _SEQ.value / med,
-            "steps_per_s": 1 / med, "compiles": fn.compiles}
+    return {
+        "step_s": med,
+        "tokens_per_s": _BATCH.value * _SEQ.value / med,
+        "steps_per_s": 1 / med,
+        "compiles": fn.compiles,
+    }
 
 
 def torch_lora_sft(path) -> dict | None:
@@ -106,11 +119,32 @@ def torch_lora_sft(path) -> dict | None:
         return None
     script = Path(__file__).with_name("torch_reference.py")
     out = subprocess.run(
-        [_TORCH_PYTHON.value, str(script), "--model", str(path), "--batch", str(_BATCH.value),
-         "--seq", str(_SEQ.value), "--rank", str(_RANK.value), "--alpha", str(_ALPHA.value),
-         "--targets", ",".join(_TARGETS.value), "--dtype", _DTYPE.value,
-         "--steps", str(_STEPS.value), "--warmup", str(_WARMUP.value)],
-        check=True, capture_output=True, text=True)
+        [
+            _TORCH_PYTHON.value,
+            str(script),
+            "--model",
+            str(path),
+            "--batch",
+            str(_BATCH.value),
+            "--seq",
+            str(_SEQ.value),
+            "--rank",
+            str(_RANK.value),
+            "--alpha",
+            str(_ALPHA.value),
+            "--targets",
+            ",".join(_TARGETS.value),
+            "--dtype",
+            _DTYPE.value,
+            "--steps",
+            str(_STEPS.value),
+            "--warmup",
+            str(_WARMUP.value),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -120,9 +154,15 @@ def main(argv):
     result = {
         "hardware": hardware(),
         "precision": _DTYPE.value,
-        "sizes": {"model": str(path), "batch": _BATCH.value, "seq": _SEQ.value,
-                  "lora_rank": _RANK.value, "lora_alpha": _ALPHA.value,
-                  "targets": _TARGETS.value, "timed_steps": _STEPS.value},
+        "sizes": {
+            "model": str(path),
+            "batch": _BATCH.value,
+            "seq": _SEQ.value,
+            "lora_rank": _RANK.value,
+            "lora_alpha": _ALPHA.value,
+            "targets": _TARGETS.value,
+            "timed_steps": _STEPS.value,
+        },
         "methods": {},
     }
     hf = hfjax_lora_sft(path)
@@ -136,14 +176,19 @@ def main(argv):
         print(json.dumps(result))
         return
     hw = result["hardware"]
-    print(f"# {hw['cpu']} ({hw['cpu_cores']} cores), jax {jax.__version__} on "
-          f"{hw['jax_backend']}:{hw['device']} x{hw['devices']}, {_DTYPE.value}, "
-          f"batch {_BATCH.value} x {_SEQ.value}, LoRA r={_RANK.value} on {','.join(_TARGETS.value)}")
+    print(
+        f"# {hw['cpu']} ({hw['cpu_cores']} cores), jax {jax.__version__} on "
+        f"{hw['jax_backend']}:{hw['device']} x{hw['devices']}, {_DTYPE.value}, "
+        f"batch {_BATCH.value} x {_SEQ.value}, LoRA r={_RANK.value} on {','.join(_TARGETS.value)}"
+    )
     for name, e in result["methods"].items():
-        line = f"{name:12s} hfjax {e['hfjax']['tokens_per_s']:8.1f} tok/s ({e['hfjax']['step_s']:.3f} s/step)"
+        hf = e["hfjax"]
+        line = f"{name:12s} hfjax {hf['tokens_per_s']:8.1f} tok/s ({hf['step_s']:.3f} s/step)"
         if "torch_peft" in e:
-            line += (f" | torch+peft {e['torch_peft']['tokens_per_s']:8.1f} tok/s"
-                     f" | ratio {e['ratio']:.2f}x")
+            line += (
+                f" | torch+peft {e['torch_peft']['tokens_per_s']:8.1f} tok/s"
+                f" | ratio {e['ratio']:.2f}x"
+            )
         print(line)
 
 

@@ -52,12 +52,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     )
 
 
-def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh,
-                   rules: Mapping = RULES) -> PartitionSpec:
-    """PartitionSpec for one array; an axis whose size the mesh axis does not divide is replicated."""
+def partition_spec(
+    axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules: Mapping = RULES
+) -> PartitionSpec:
+    """PartitionSpec for one array; an axis the mesh axis size does not divide is replicated."""
     spec = []
     used: set[str] = set()
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         if name not in rules:
             raise KeyError(f"logical axis {name!r} has no sharding rule; add it to the rules table")
         target = rules[name]

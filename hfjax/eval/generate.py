@@ -27,8 +27,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -42,16 +42,43 @@ def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         keep_sorted = cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "use_cache",
-                                   "temperature", "top_p"))
-def _generate(cfg, params, lora, ids, mask, forced, key, *, max_new_tokens, eos_ids, pad_id,
-              use_cache, temperature, top_p):
+@partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "max_new_tokens",
+        "eos_ids",
+        "pad_id",
+        "use_cache",
+        "temperature",
+        "top_p",
+    ),
+)
+def _generate(
+    cfg,
+    params,
+    lora,
+    ids,
+    mask,
+    forced,
+    key,
+    *,
+    max_new_tokens,
+    eos_ids,
+    pad_id,
+    use_cache,
+    temperature,
+    top_p,
+):
     b, p = ids.shape
     eos = jnp.asarray(eos_ids, ids.dtype)
     out = jnp.full((b, max_new_tokens), pad_id, ids.dtype)
@@ -72,8 +99,7 @@ def _generate(cfg, params, lora, ids, mask, forced, key, *, max_new_tokens, eos_
         def step(i, carry):
             out, cache, done = carry
             tok = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, 1)
-            logits, cache = forward(cfg, params, tok, jnp.ones_like(tok), lora=lora,
-                                    kv_cache=cache)
+            logits, cache = forward(cfg, params, tok, jnp.ones_like(tok), lora=lora, kv_cache=cache)
             nxt, done = pick(i, logits[:, -1], done, key)
             return jax.lax.dynamic_update_index_in_dim(out, nxt, i, 1), cache, done
 
@@ -86,23 +112,36 @@ def _generate(cfg, params, lora, ids, mask, forced, key, *, max_new_tokens, eos_
     def step_nocache(i, carry):
         buf, buf_mask, done = carry
         logits = forward(cfg, params, buf, buf_mask, lora=lora)
-        nxt, new_done = pick(i, jax.lax.dynamic_index_in_dim(logits, p + i - 1, 1, False), done,
-                             key)
+        nxt, new_done = pick(
+            i, jax.lax.dynamic_index_in_dim(logits, p + i - 1, 1, False), done, key
+        )
         buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, p + i, 1)
-        buf_mask = jax.lax.dynamic_update_index_in_dim(buf_mask, (~done).astype(mask.dtype),
-                                                       p + i, 1)
+        buf_mask = jax.lax.dynamic_update_index_in_dim(
+            buf_mask, (~done).astype(mask.dtype), p + i, 1
+        )
         return buf, buf_mask, new_done
 
-    buf, _, _ = jax.lax.fori_loop(0, max_new_tokens, step_nocache,
-                                  (buf, buf_mask, jnp.zeros((b,), bool)))
+    buf, _, _ = jax.lax.fori_loop(
+        0, max_new_tokens, step_nocache, (buf, buf_mask, jnp.zeros((b,), bool))
+    )
     return buf[:, p:]
 
 
-def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int = 128, eos_ids: Sequence[int] | None = None,
-             pad_id: int | None = None, lora=None, use_cache: bool = True,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             forced_prefix: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+def generate(
+    cfg: ModelConfig,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    eos_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    lora=None,
+    use_cache: bool = True,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    forced_prefix: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
     """Continuations of each prompt, cut after the first EOS (EOS included).
 
     forced_prefix: per prompt, tokens forced as the first generated tokens (the prefilling
@@ -113,16 +152,31 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    pad = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    pad = (
+        pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    )
     ids, mask = left_pad(prompts, pad)
     width = max([len(f) for f in forced_prefix] + [1]) if forced_prefix else 1
     forced = np.full((len(prompts), width), -1, np.int32)
     for i, f in enumerate(forced_prefix or ()):
-        forced[i, :len(f)] = f
-    out = np.asarray(_generate(
-        cfg, params, lora, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(forced),
-        jax.random.key(seed), max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
-        use_cache=use_cache, temperature=float(temperature), top_p=float(top_p)))
+        forced[i, : len(f)] = f
+    out = np.asarray(
+        _generate(
+            cfg,
+            params,
+            lora,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jnp.asarray(forced),
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos,
+            pad_id=pad,
+            use_cache=use_cache,
+            temperature=float(temperature),
+            top_p=float(top_p),
+        )
+    )
     results = []
     for row in out.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
@@ -130,7 +184,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], *
     return results
 
 
-def greedy_generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]],
-                    **kw) -> list[list[int]]:
+def greedy_generate(
+    cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], **kw
+) -> list[list[int]]:
     """Greedy `generate` (temperature 0)."""
     return generate(cfg, params, prompts, temperature=0.0, **kw)

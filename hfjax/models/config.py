@@ -121,7 +121,9 @@ def _rope_settings(d: dict) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
     scaling.pop("type", None)
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
-        raise ModelConfigError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
+        raise ModelConfigError(
+            f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)"
+        )
     if rope_type == "default":
         return theta, None
     return theta, tuple(sorted(scaling.items()))
@@ -205,12 +207,18 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default", **cfg.rope_scaling_dict},
+        "rope_parameters": {
+            "rope_theta": cfg.rope_theta,
+            "rope_type": "default",
+            **cfg.rope_scaling_dict,
+        },
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu" if cfg.mlp_activation == "silu" else "gelu_pytorch_tanh",
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+        "eos_token_id": list(cfg.eos_token_ids)
+        if len(cfg.eos_token_ids) != 1
+        else cfg.eos_token_ids[0],
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": cfg.dtype,
     }
@@ -219,7 +227,9 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         d["use_sliding_window"] = bool(windows)
     if windows:
         d["sliding_window"] = windows.pop()
-        d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
+        d["layer_types"] = [
+            "sliding_attention" if w else "full_attention" for w in cfg.layer_windows
+        ]
     if cfg.model_type == "gemma2":
         d.update(
             hidden_activation=d.pop("hidden_act"),

@@ -104,7 +104,7 @@ def init_random(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     leaves, treedef = jax.tree.flatten_with_path(shapes)
     keys = jax.random.split(key, len(leaves))
     out = []
-    for (path, sd), k in zip(leaves, keys):
+    for (path, sd), k in zip(leaves, keys, strict=True):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
             base = 0.0 if cfg.norm_weight_offset else 1.0

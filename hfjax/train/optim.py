@@ -52,18 +52,24 @@ def make_schedule(c: OptimizerConfig) -> optax.Schedule:
         main = optax.linear_schedule(c.learning_rate, 0.0, decay_steps)
     if not warmup:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warmup), main], [warmup])
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, c.learning_rate, warmup), main], [warmup]
+    )
 
 
-def make_optimizer(c: OptimizerConfig,
-                   pre: Sequence[optax.GradientTransformation] = ()) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(
+    c: OptimizerConfig, pre: Sequence[optax.GradientTransformation] = ()
+) -> optax.GradientTransformationExtraArgs:
     """`pre` (defense transforms) → clip → AdamW(schedule), accumulated over k micro-steps."""
     parts = list(pre)
     if c.max_grad_norm:
         parts.append(optax.clip_by_global_norm(c.max_grad_norm))
-    parts.append(optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps,
-                             weight_decay=c.weight_decay))
+    parts.append(
+        optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    )
     opt = optax.chain(*parts)
     if c.accumulation_steps > 1:
-        return optax.MultiSteps(opt, every_k_schedule=c.accumulation_steps).gradient_transformation()
+        return optax.MultiSteps(
+            opt, every_k_schedule=c.accumulation_steps
+        ).gradient_transformation()
     return opt

@@ -30,10 +30,16 @@ class TrainState:
     defense: Any = None
 
 
-def create(trainable, optimizer: optax.GradientTransformation, seed: int, defense=None) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                      opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(seed),
-                      defense=defense)
+def create(
+    trainable, optimizer: optax.GradientTransformation, seed: int, defense=None
+) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.PRNGKey(seed),
+        defense=defense,
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -42,7 +48,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def params_shardings(cfg: ModelConfig, mesh: Mesh, rules=sh.RULES):
     """Shardings of the base params from their logical axes (FSDP on embed, tensor on heads/mlp)."""
-    return sh.tree_shardings(params_lib.logical_axes(cfg), params_lib.param_shapes(cfg), mesh, rules)
+    return sh.tree_shardings(
+        params_lib.logical_axes(cfg), params_lib.param_shapes(cfg), mesh, rules
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -73,12 +81,18 @@ def state_shardings(state_shape: TrainState, mesh: Mesh, trainable_shardings) ->
         return lookup(path) if getattr(leaf, "ndim", 0) else rep
 
     opt = jax.tree_util.tree_map_with_path(opt_leaf, state_shape.opt_state)
-    return TrainState(step=rep, trainable=trainable_shardings, opt_state=opt, rng=rep,
-                      defense=jax.tree.map(lambda _: rep, state_shape.defense))
+    return TrainState(
+        step=rep,
+        trainable=trainable_shardings,
+        opt_state=opt,
+        rng=rep,
+        defense=jax.tree.map(lambda _: rep, state_shape.defense),
+    )
 
 
-def trainable_shardings(cfg: ModelConfig, mesh: Mesh, trainable_shape, full_finetune: bool,
-                        rules=sh.RULES):
+def trainable_shardings(
+    cfg: ModelConfig, mesh: Mesh, trainable_shape, full_finetune: bool, rules=sh.RULES
+):
     """Full fine-tuning: the params' shardings. LoRA: replicated (small)."""
     if full_finetune:
         return params_shardings(cfg, mesh, rules)
