@@ -28,9 +28,8 @@ def main(argv):
     tok = models.load_tokenizer(path)
     loaded = time.perf_counter()
     messages = [{"role": "user", "content": _PROMPT.value}]
-    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict):
-        prompt_ids = prompt_ids["input_ids"]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
     (answer,) = greedy_generate(cfg, params, [list(prompt_ids)], max_new_tokens=_MAX_NEW.value)
     done = time.perf_counter()
     print(f"model: {path} ({cfg.model_type}, {cfg.num_layers} layers, {_DTYPE.value})")
