@@ -80,7 +80,7 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 def attention_mask_bias(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array,
                         window: jax.Array) -> jax.Array:
-    """Boolean [B, 1, 1, T, S]: causal, key not padding, and within the sliding window (0 = none)."""
+    """Boolean [B, 1, 1, T, S]: causal, key not padding, within the sliding window (0: none)."""
     delta = q_index[:, None] - k_index[None, :]
     allowed = (delta >= 0) & ((window == 0) | (delta < window))
     return (allowed[None] & key_valid[:, None, :])[:, None, None]
@@ -221,10 +221,9 @@ def forward(
         attention_mask = jnp.ones((b, t), jnp.int32)
     elif tuple(attention_mask.shape) != (b, t):
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(b, t)}")
-    if perturb is not None and tuple(perturb.shape) != (cfg.num_layers, b, t, cfg.hidden_size):
-        raise ValueError(
-            f"perturb must have shape {(cfg.num_layers, b, t, cfg.hidden_size)}, got {perturb.shape}"
-        )
+    want = (cfg.num_layers, b, t, cfg.hidden_size)
+    if perturb is not None and tuple(perturb.shape) != want:
+        raise ValueError(f"perturb must have shape {want} [L, B, T, D], got {perturb.shape}")
     dtype = jnp.dtype(cfg.dtype)
     h = params["embed_tokens"][input_ids].astype(dtype)
     if cfg.scale_embeddings:
