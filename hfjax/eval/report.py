@@ -1,0 +1,180 @@
+"""Evaluation outputs: generations JSONL, a results JSON and a printed summary table.
+
+Files are written atomically: everything goes to a temporary file in the target's folder, which
+is flushed, fsynced and `os.replace`d over the target; on any error the temporary file is removed
+and an existing target is left untouched (never half-written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from hfjax.eval.judges import JudgeResult
+
+__all__ = [
+    "atomic_open",
+    "format_summary",
+    "generation_records",
+    "make_results",
+    "print_summary",
+    "read_jsonl",
+    "write_generations",
+    "write_results",
+]
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[str]]:
+    """Open a temp file next to `path`; on clean exit it replaces `path`, on error it vanishes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} for {path.name} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _plain(x: Any) -> Any:
+    """numpy scalars/arrays -> Python; NaN/inf are rejected (they are not valid JSON)."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, np.ndarray):
+        return [_plain(v) for v in x.tolist()]
+    if isinstance(x, float) and not math.isfinite(x):
+        raise ValueError(f"non-finite number {x} cannot be written as JSON")
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    raise TypeError(f"cannot write {type(x).__name__} {x!r} as JSON")
+
+
+def generation_records(prompts: Sequence[str], responses: Sequence[str],
+                       judged: Sequence[JudgeResult] = (),
+                       extra: Mapping[str, Sequence] | None = None) -> list[dict]:
+    """One record per generation: {"prompt", "response", "scores": {judge name: score}, ...extra
+    columns}. Every judge result and extra column must have one entry per prompt."""
+    n = len(prompts)
+    if len(responses) != n:
+        raise ValueError(f"{n} prompts but {len(responses)} responses")
+    names = [j.judge for j in judged]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two judge results share a name: {names}")
+    for j in judged:
+        if len(j.scores) != n:
+            raise ValueError(f"judge {j.judge!r} has {len(j.scores)} scores for {n} prompts")
+    extra = dict(extra or {})
+    for k, col in extra.items():
+        if k in ("prompt", "response", "scores"):
+            raise ValueError(f"extra column {k!r} clashes with a standard field")
+        if len(col) != n:
+            raise ValueError(f"extra column {k!r} has {len(col)} values for {n} prompts")
+    return [
+        {"prompt": prompts[i], "response": responses[i],
+         "scores": {j.judge: float(j.scores[i]) for j in judged},
+         **{k: col[i] for k, col in extra.items()}}
+        for i in range(n)
+    ]
+
+
+def write_generations(path: str | os.PathLike, records: Iterable[Mapping]) -> int:
+    """Write records as JSON Lines (UTF-8, one object per line), atomically; returns the count."""
+    n = 0
+    with atomic_open(path) as f:
+        for r in records:
+            if not isinstance(r, Mapping):
+                raise TypeError(f"record {n} is a {type(r).__name__}, not a mapping")
+            f.write(json.dumps(_plain(r), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON Lines file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def make_results(*, model: str, judge: str, harmful_score: float | None = None,
+                 finetune_accuracy: float | None = None, task: str | None = None,
+                 n_harmful: int = 0, n_flagged: int | None = None, n_task: int = 0,
+                 seeds: Mapping[str, int] | Sequence[int] | int | None = None,
+                 **extra: Any) -> dict:
+    """The results record: HS and FA in [0, 1] (None when not measured), counts, judge, model,
+    seeds and any extra fields (e.g. method, generation settings)."""
+    for name, v in (("harmful_score", harmful_score), ("finetune_accuracy", finetune_accuracy)):
+        if v is not None and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    out = {"model": model, "judge": judge, "task": task,
+           "harmful_score": None if harmful_score is None else float(harmful_score),
+           "finetune_accuracy": None if finetune_accuracy is None else float(finetune_accuracy),
+           "counts": {"harmful_prompts": int(n_harmful), "flagged": n_flagged,
+                      "task_examples": int(n_task)},
+           "seeds": seeds}
+    clash = set(extra) & set(out)
+    if clash:
+        raise ValueError(f"extra fields clash with standard ones: {sorted(clash)}")
+    out.update(extra)
+    return _plain(out)
+
+
+def write_results(path: str | os.PathLike, results: Mapping) -> None:
+    """Write the results JSON (indented, keys sorted), atomically."""
+    text = json.dumps(_plain(results), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def _cell(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * float(v):.1f}"
+    return str(v)
+
+
+def format_summary(results: Sequence[Mapping] | Mapping) -> str:
+    """A markdown table, one row per results record: model, task, judge, HS (%), FA (%), counts.
+    It also reads as plain text."""
+    rows = [results] if isinstance(results, Mapping) else list(results)
+    header = ["model", "task", "judge", "HS (%)", "FA (%)", "harmful n", "task n"]
+    body = []
+    for r in rows:
+        c = r.get("counts", {})
+        body.append([_cell(r.get("model")), _cell(r.get("task")), _cell(r.get("judge")),
+                     _cell(r.get("harmful_score"), True), _cell(r.get("finetune_accuracy"), True),
+                     _cell(c.get("harmful_prompts")), _cell(c.get("task_examples"))])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(b) for b in body)])
+
+
+def print_summary(results: Sequence[Mapping] | Mapping) -> str:
+    """Print `format_summary(results)` and return it."""
+    text = format_summary(results)
+    print(text)
+    return text
