@@ -1,11 +1,16 @@
-"""Shared pytest setup.
+"""Test-wide setup, before any JAX operation.
 
-pytest imports this file before any test module, so the flag below is set before the first JAX
-operation: the CPU backend then exposes 8 simulated devices, which the sharding tests use to
-build (data, fsdp, tensor) meshes. Tests that need one device keep working unchanged (they use
-the default device).
+- 8 simulated CPU devices, so sharding is tested on every run.
+- XLA's backend optimization level 0: the suite is dominated by compiling many small
+  programs; level 0 roughly halves compile time (measured: tests/test_decoder.py 23 s → 14 s
+  of CPU) and does not change the computed values beyond the tolerances the tests use.
+  Subprocesses started by tests inherit it. Set XLA_FLAGS yourself to override.
 """
 
-import jax
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -12,6 +12,22 @@ gradient of the primary batch) and the named batches it reads; a test counts the
 The binaries select a defense by name and pass its hyper-parameters as flags:
 
     spec = defenses.get("booster"); transform = spec.build(lam=5.0, alpha=0.1)
+    step = make_train_step(cfg, make_optimizer(c, pre=[transform]), ...,
+                           **spec.step_options(lam=5.0, alpha=0.1).step_kwargs())
+
+`StepOptions` is what a gradient defense asks of hfjax's train step so that its declared cost is
+what runs: which batch the step differentiates (`primary`, or one per phase), whether the same
+backward also returns ∂L/∂a_l (`activation_grads`), and a perturbation for the step's own
+forward pass (`primary_perturb`). The transform receives what the step did as extra args
+(`perturb_grads`, `perturbation`) and computes the rest itself, so in a plain user loop (where
+neither is passed) it is still exact, only dearer.
+
+Cost unit: one forward (F) or backward (B) pass of the model over one batch, as counted in the
+jitted step's jaxpr (forward and reversed layer scans). A loss summing two batches' losses
+costs 2F+2B in this unit even if PyTorch code calls backward() once.
+
+Batch names: "user" (fine-tuning data), "align" (safety data: harmful prompt -> refusal),
+"harmful" (harmful prompt -> harmful answer).
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ from typing import Any
 
 STAGES = ("alignment", "finetune", "post")
 LEVELS = ("data", "gradient", "weights")
+USER, ALIGN, HARMFUL = "user", "align", "harmful"
 
 
 class DefenseError(ValueError):
@@ -41,6 +58,33 @@ class Cost:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Keywords of `hfjax.train.step.make_train_step` that a gradient defense needs.
+
+    primary: the batch the step differentiates, or a tuple of batch names chosen per step by
+      `primary_phase(opt_state) -> index` (one `lax.switch` branch runs: still 1F+1B).
+    activation_grads: the step's backward also returns G_l = ∂L/∂a_l (w.r.t. a zero
+      perturbation) and passes them as the extra arg `perturb_grads`.
+    primary_perturb: `(rng, [L, B, T, D]) -> ε` added to a_l in the step's own forward pass;
+      ε is passed on as the extra arg `perturbation`.
+    """
+
+    primary: str | tuple[str, ...] = USER
+    primary_phase: Callable[[Any], Any] | None = None
+    activation_grads: bool = False
+    primary_perturb: Callable[[Any, tuple[int, ...]], Any] | None = None
+
+    def step_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for `make_train_step`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def batch_names(self) -> tuple[str, ...]:
+        """The batches the step itself differentiates."""
+        return (self.primary,) if isinstance(self.primary, str) else tuple(self.primary)
+
+
+@dataclasses.dataclass(frozen=True)
 class DefenseSpec:
     """A registered defense: how to build it and what it needs."""
 
@@ -51,6 +95,7 @@ class DefenseSpec:
     cost: Cost | None
     batches: tuple[str, ...]
     paper: str
+    options: Callable[..., StepOptions] | None = None
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -59,28 +104,47 @@ class DefenseSpec:
         return {n: p.default for n, p in sig.parameters.items()
                 if p.default is not inspect.Parameter.empty}
 
-    def build(self, **hparams):
+    def _check_names(self, hparams: dict) -> None:
         unknown = set(hparams) - set(self.hyperparameters)
         if unknown:
             raise DefenseError(
                 f"{self.name} has no hyper-parameter(s) {sorted(unknown)}; "
                 f"it takes {sorted(self.hyperparameters)}")
+
+    def build(self, **hparams):
+        self._check_names(hparams)
         return self.factory(**hparams)
+
+    def step_options(self, **hparams) -> StepOptions:
+        """What the train step must do for this defense with these hyper-parameters (the plain
+        step for data and weight defenses)."""
+        self._check_names(hparams)
+        if self.level == "gradient":
+            self.factory(**hparams)  # validates the values before a step is built around them
+        if self.options is None:
+            return StepOptions()
+        return self.options(**{**self.hyperparameters, **hparams})
 
 
 _REGISTRY: dict[str, DefenseSpec] = {}
 
 
 def register(name: str, *, stage: str, level: str, cost: Cost | None = None,
-             batches: tuple[str, ...] = (), paper: str = ""):
-    """Decorator registering a defense factory under `name`."""
+             batches: tuple[str, ...] = (), paper: str = "",
+             options: Callable[..., StepOptions] | None = None):
+    """Decorator registering a defense factory under `name`.
+
+    `options(**hyperparameters) -> StepOptions` states what the train step must do for it
+    (default: the plain step on "user").
+    """
     if stage not in STAGES or level not in LEVELS:
         raise DefenseError(f"bad stage/level {stage!r}/{level!r}; stages {STAGES}, levels {LEVELS}")
 
     def wrap(factory):
         if name in _REGISTRY:
             raise DefenseError(f"defense {name!r} is registered twice")
-        _REGISTRY[name] = DefenseSpec(name, stage, level, factory, cost, tuple(batches), paper)
+        _REGISTRY[name] = DefenseSpec(name, stage, level, factory, cost, tuple(batches), paper,
+                                      options)
         return factory
 
     return wrap
@@ -94,3 +158,9 @@ def get(name: str) -> DefenseSpec:
 
 def available(stage: str | None = None) -> list[str]:
     return sorted(n for n, s in _REGISTRY.items() if stage is None or s.stage == stage)
+
+
+def step_options(name: str | DefenseSpec, **hparams) -> StepOptions:
+    """`get(name).step_options(**hparams)`: the make_train_step keywords a defense needs."""
+    spec = name if isinstance(name, DefenseSpec) else get(name)
+    return spec.step_options(**hparams)

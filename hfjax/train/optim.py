@@ -3,7 +3,7 @@
 Defense transformations (optax `GradientTransformationExtraArgs`) are chained *before* the
 optimizer, so they see raw gradients and may call the gradient oracle passed as extra args:
 
-    optax.chain(*defense_transforms, clip, adamw(schedule))   (wrapped in MultiSteps if k > 1)
+    optax.chain(*defense_transforms, MultiSteps(chain(clip, adamw(schedule)), k))
 """
 
 from __future__ import annotations
@@ -60,16 +60,15 @@ def make_schedule(c: OptimizerConfig) -> optax.Schedule:
 def make_optimizer(
     c: OptimizerConfig, pre: Sequence[optax.GradientTransformation] = ()
 ) -> optax.GradientTransformationExtraArgs:
-    """`pre` (defense transforms) → clip → AdamW(schedule), accumulated over k micro-steps."""
-    parts = list(pre)
-    if c.max_grad_norm:
-        parts.append(optax.clip_by_global_norm(c.max_grad_norm))
-    parts.append(
-        optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-    )
-    opt = optax.chain(*parts)
+    """`pre` (defense transforms) → [clip → AdamW(schedule)] accumulated over k micro-steps.
+
+    The defenses sit outside the accumulation so each micro-batch's defended gradient is
+    accumulated (inside `MultiSteps` only the last micro-step's defense term would survive).
+    """
+    adamw = optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps,
+                        weight_decay=c.weight_decay)
+    inner = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), adamw) if c.max_grad_norm \
+        else adamw
     if c.accumulation_steps > 1:
-        return optax.MultiSteps(
-            opt, every_k_schedule=c.accumulation_steps
-        ).gradient_transformation()
-    return opt
+        inner = optax.MultiSteps(inner, every_k_schedule=c.accumulation_steps)
+    return optax.chain(*pre, inner)

@@ -1,7 +1,8 @@
 """The train step: one `jax.jit` function `(state, frozen, batches) -> (state, metrics)`.
 
     (L, aux), g = value_and_grad(loss_fn)(θ, batches[primary])
-    u, opt_state = optimizer.update(g, opt_state, θ, loss_fn=loss_fn, batches=batches, rng=r)
+    u, opt_state = optimizer.update(g, opt_state, θ, loss_fn=loss_fn, batches=batches, rng=r,
+                                    cfg=cfg, frozen=frozen)
     θ ← θ + u
 
 `batches` is a dict of named batches ("user", and e.g. "harmful" / "align" for defenses). The
@@ -9,6 +10,9 @@ optimizer receives the gradient oracle `loss_fn(θ, batch, **forward_kw)` and al
 args, so a defense chained before AdamW can evaluate losses at perturbed weights or activations
 and on other batches. Frozen base weights are an argument (never a jit constant); the state is
 donated; every input and output has a sharding.
+
+Defense options (keyword-only, all off by default; `hfjax.defenses.StepOptions` sets them) change
+only what the one forward+backward of the step computes, see `primary_gradient`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -41,6 +46,64 @@ class CompileCounter:
         return len(self.signatures)
 
 
+def primary_gradient(
+    cfg: ModelConfig,
+    loss_fn: Callable,
+    trainable,
+    opt_state,
+    batches: dict,
+    rng: jax.Array,
+    *,
+    primary: str | tuple[str, ...] = "user",
+    primary_phase: Callable | None = None,
+    activation_grads: bool = False,
+    primary_perturb: Callable | None = None,
+) -> tuple[jax.Array, dict, object, dict]:
+    """The step's one forward + backward: (loss, aux, ∇θ, extra args for the optimizer).
+
+        L(θ, ε) = ℓ(θ; primary batch, a_l + ε_l)
+
+    ε = primary_perturb(rng, [L, B, T, D]) if given (passed on as `perturbation`), else none.
+    With activation_grads the same backward returns G = ∂L/∂ε, passed on as `perturb_grads`.
+    With a tuple `primary`, the batch is primary[primary_phase(opt_state)] (`lax.switch`: one
+    branch runs).
+    """
+    names = (primary,) if isinstance(primary, str) else tuple(primary)
+    if len(names) > 1 and primary_phase is None:
+        raise ValueError(f"primary batches {names} need a primary_phase function")
+    if len(names) > 1 and (activation_grads or primary_perturb is not None):
+        raise ValueError("phase-dependent primary batches do not combine with activation_grads "
+                         "or primary_perturb")
+
+    def objective(theta, eps, batch):
+        return loss_fn(theta, batch, **({} if eps is None else {"perturb": eps}))
+
+    extra: dict = {}
+    if len(names) > 1:
+        def branch(name):
+            def run():
+                (loss, aux), g = jax.value_and_grad(objective, has_aux=True)(
+                    trainable, None, batches[name])
+                return loss, aux, g
+            return run
+
+        loss, aux, grads = jax.lax.switch(primary_phase(opt_state), [branch(n) for n in names])
+        return loss, aux, grads, extra
+
+    batch = batches[names[0]]
+    shape = (cfg.num_layers, *batch["input_ids"].shape, cfg.hidden_size)
+    eps = None
+    if primary_perturb is not None:
+        eps = extra["perturbation"] = primary_perturb(rng, shape)
+    if activation_grads:
+        eps = jnp.zeros(shape, jnp.float32) if eps is None else eps
+        (loss, aux), (grads, extra["perturb_grads"]) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True)(trainable, eps, batch)
+    else:
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable, eps, batch)
+    return loss, aux, grads, extra
+
+
 def make_train_step(
     cfg: ModelConfig,
     optimizer: optax.GradientTransformationExtraArgs,
@@ -49,19 +112,30 @@ def make_train_step(
     state_shardings: state_lib.TrainState,
     frozen_shardings,
     full_finetune: bool = False,
-    primary: str = "user",
+    primary: str | tuple[str, ...] = "user",
     learning_rate_fn: Callable | None = None,
     accumulation_steps: int = 1,
+    primary_phase: Callable | None = None,
+    activation_grads: bool = False,
+    primary_perturb: Callable | None = None,
 ) -> CompileCounter:
-    """Build the jitted, sharded, state-donating train step."""
+    """Build the jitted, sharded, state-donating train step.
+
+    primary_phase, activation_grads, primary_perturb: what a gradient defense needs from the
+    step's own forward+backward (see `primary_gradient`); take them from
+    `hfjax.defenses.step_options(name, **hparams).step_kwargs()`.
+    """
+    defense_options = dict(primary=primary, primary_phase=primary_phase,
+                           activation_grads=activation_grads, primary_perturb=primary_perturb)
 
     def step(state: state_lib.TrainState, frozen, batches: dict):
         loss_fn = make_loss_fn(cfg, frozen, full_finetune=full_finetune)
         rng, sub = jax.random.split(state.rng)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.trainable, batches[primary])
+        loss, aux, grads, extra = primary_gradient(cfg, loss_fn, state.trainable, state.opt_state,
+                                                   batches, sub, **defense_options)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable,
-                                              loss_fn=loss_fn, batches=batches, rng=sub)
+                                              loss_fn=loss_fn, batches=batches, rng=sub,
+                                              cfg=cfg, frozen=frozen, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {
             "loss": loss,

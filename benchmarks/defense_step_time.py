@@ -1,0 +1,132 @@
+"""Train-step time of each gradient defense as a ratio of plain LoRA SFT, measured in one run.
+
+    python benchmarks/defense_step_time.py [--model PATH] [--batch 4] [--seq 128] [--json]
+
+Every method runs hfjax's jitted train step with the step options its registry entry gives
+(`defenses.step_options`), on the same model, LoRA, batch size and sequence length; every named
+batch a method reads ("user", "align", "harmful") has that size. After one untimed (compiling)
+step per method, timing rounds interleave the methods (one step of each per round), so a change
+in machine load hits all of them alike; the figure is the median over rounds. Ratios near the
+declared cost (Vaccine 2F+2B ~2x, Booster 3F+3B ~3x) mean no pass runs that is not declared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from hfjax import defenses, models, sharding
+from hfjax.models import lora as lora_lib
+from hfjax.train import optim, state, step
+
+_MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
+_BATCH = flags.DEFINE_integer("batch", 4, "rows of every named batch")
+_SEQ = flags.DEFINE_integer("seq", 128, "sequence length (every token is a response token)")
+_RANK = flags.DEFINE_integer("rank", 8, "LoRA rank")
+_ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
+_TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute precision")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "timed rounds (one step of every method each)")
+_DEFENSES = flags.DEFINE_list(
+    "defenses", [n for n in defenses.available() if defenses.get(n).level == "gradient"],
+    "gradient defenses to time against plain LoRA SFT")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"jax_backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "devices": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+def batch(vocab: int, seed: int) -> dict:
+    ids = np.random.default_rng(seed).integers(0, vocab, (_BATCH.value, _SEQ.value))
+    ids = ids.astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+
+
+def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None):
+    """A zero-argument function running one step of `name` (None: plain LoRA SFT)."""
+    spec = defenses.get(name) if name else None
+    opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000),
+                               pre=[spec.build()] if spec else [])
+    st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
+    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
+                              frozen_shardings=frozen_sh,
+                              **(spec.step_options().step_kwargs() if spec else {}))
+    names = ("user", *(spec.batches if spec else ()))
+    placed = step.put_batches({n: batch(cfg.vocab_size, i) for i, n in enumerate(names)}, mesh)
+    holder = {"state": st}
+
+    def run_one() -> float:
+        t0 = time.perf_counter()
+        holder["state"], metrics = fn(holder["state"], frozen, placed)
+        jax.block_until_ready(metrics["loss"])
+        return time.perf_counter() - t0
+
+    return run_one
+
+
+def main(argv):
+    del argv
+    path = _MODEL.value or models.default_model_path()
+    cfg, params = models.load_pretrained(path, dtype=jnp.dtype(_DTYPE.value))
+    cfg = cfg.replace(dtype=_DTYPE.value)
+    mesh = sharding.make_mesh(1, -1, 1)
+    frozen_sh = state.params_shardings(cfg, mesh)
+    frozen = jax.device_put(params, frozen_sh)
+    lora = lora_lib.init(cfg, jax.random.key(0), rank=_RANK.value, alpha=_ALPHA.value,
+                         targets=tuple(_TARGETS.value))
+    names = [None, *_DEFENSES.value]
+    runs, compile_s = {}, {}
+    for name in names:
+        runs[name] = make_method(cfg, frozen, frozen_sh, lora, mesh, name)
+        compile_s[name] = runs[name]()  # first call: compilation + one step
+    times: dict = {name: [] for name in names}
+    for _ in range(_ROUNDS.value):
+        for name in names:
+            times[name].append(runs[name]())
+    base = statistics.median(times[None])
+    result = {
+        "hardware": hardware(), "precision": _DTYPE.value,
+        "sizes": {"model": str(path), "batch": _BATCH.value, "seq": _SEQ.value,
+                  "lora_rank": _RANK.value, "targets": _TARGETS.value, "rounds": _ROUNDS.value},
+        "methods": {name or "lora_sft": {
+            "step_s": statistics.median(times[name]),
+            "ratio": statistics.median(times[name]) / base,
+            "declared": str(defenses.get(name).cost) if name else "1F+1B",
+            "first_call_s": compile_s[name], "all_s": times[name]} for name in names},
+    }
+    if _JSON.value:
+        print(json.dumps(result))
+        return
+    hw = result["hardware"]
+    print(f"# {hw['cpu']} ({hw['cpu_cores']} cores, load {hw['load_avg_1m']:.1f}), jax "
+          f"{jax.__version__} on {hw['jax_backend']}:{hw['device']} x{hw['devices']}, "
+          f"{_DTYPE.value}, batch {_BATCH.value} x {_SEQ.value} per named batch, LoRA "
+          f"r={_RANK.value} on {','.join(_TARGETS.value)}, median of {_ROUNDS.value} rounds")
+    for name, e in result["methods"].items():
+        print(f"{name:16s} {e['declared']:6s} {e['step_s']:7.3f} s/step  {e['ratio']:5.2f}x "
+              f"(first call {e['first_call_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

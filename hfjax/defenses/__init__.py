@@ -1,0 +1,52 @@
+"""Defenses against harmful fine-tuning: data, gradient (optax) and weight transforms.
+
+    import optax, hfjax.defenses as defenses
+    opt = optax.chain(defenses.vaccine(rho=2.0), optax.adamw(1e-3))     # any optax optimizer
+    spec = defenses.get("lisa"); tx = spec.build(rho=1.0)               # by name, from flags
+    step_kwargs = spec.step_options(rho=1.0).step_kwargs()              # -> make_train_step
+
+Importing this package registers every method (`available()` lists them).
+"""
+
+from hfjax.defenses.alignment import (
+    booster,
+    harmful_perturbation_gap,
+    random_perturbation,
+    random_vaccine,
+    repnoise,
+    repnoise_loss,
+    vaccine,
+    vaccine_perturbation,
+)
+from hfjax.defenses.api import (
+    ALIGN,
+    HARMFUL,
+    LEVELS,
+    STAGES,
+    USER,
+    Cost,
+    DefenseError,
+    DefenseSpec,
+    StepOptions,
+    available,
+    get,
+    register,
+    step_options,
+)
+from hfjax.defenses.finetune import (
+    LisaState,
+    in_alignment,
+    lisa,
+    phase_index,
+    safe_instr,
+    safe_instr_mix,
+)
+from hfjax.defenses.post import antidote, safelora
+
+__all__ = [
+    "ALIGN", "HARMFUL", "LEVELS", "STAGES", "USER", "Cost", "DefenseError", "DefenseSpec",
+    "LisaState", "StepOptions", "antidote", "available", "booster", "get",
+    "harmful_perturbation_gap", "repnoise", "repnoise_loss", "safelora",
+    "in_alignment", "lisa", "phase_index", "random_perturbation", "random_vaccine", "register",
+    "safe_instr", "safe_instr_mix", "step_options", "vaccine", "vaccine_perturbation",
+]

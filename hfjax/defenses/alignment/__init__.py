@@ -1,0 +1,13 @@
+"""Alignment-stage defenses (applied while aligning the base model on safety data)."""
+
+from hfjax.defenses.alignment.booster import booster, harmful_perturbation_gap
+from hfjax.defenses.alignment.repnoise import harmful_regularizer, repnoise, repnoise_loss
+from hfjax.defenses.alignment.vaccine import (
+    random_perturbation,
+    random_vaccine,
+    vaccine,
+    vaccine_perturbation,
+)
+
+__all__ = ["booster", "harmful_perturbation_gap", "harmful_regularizer", "random_perturbation",
+           "random_vaccine", "repnoise", "repnoise_loss", "vaccine", "vaccine_perturbation"]

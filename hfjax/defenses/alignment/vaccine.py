@@ -1,0 +1,125 @@
+"""Vaccine: perturbation-aware alignment, and its random-perturbation variant.
+
+Tiansheng Huang, Sihao Hu, Ling Liu. "Vaccine: Perturbation-aware Alignment for Large Language
+Models against Harmful Fine-tuning Attack". NeurIPS 2024, arXiv:2402.01109 (git-disl/Vaccine).
+
+With a_l the attention block's output of layer l (before the residual add) and f the alignment
+loss on the "align" batch:
+
+    G_l = ∂f/∂a_l (θ; ε = 0)                 pass 1 (parameter gradients unused)
+    ε_l = ρ · G_l / (‖G‖ + 1e-7)             ‖G‖: the global norm over all layers
+    g   = ∇θ f(θ; a_l + sg(ε_l))             pass 2: the update direction (replaces the input)
+
+Random Vaccine (the paper's ablation) draws ε_l ~ N(0, ρ I) instead and needs one pass.
+
+Cost in hfjax's train step: Vaccine 2F+2B (`activation_grads`: the step's own backward on the
+"align" batch returns G as the extra arg `perturb_grads`, so pass 1 is free); random Vaccine
+1F+1B (`primary_perturb`: the step's own pass runs at a_l + ε and hands ε on as `perturbation`,
+so the transform has nothing left to do). In a plain user loop neither extra arg is passed and
+the transforms compute pass 1 / the perturbed pass themselves from `loss_fn`, `batches["align"]`
+(and `rng` for the random variant). Both replace the incoming gradient: put them first.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hfjax.defenses.api import ALIGN, Cost, DefenseError, StepOptions, register
+
+PAPER = ("Huang, Hu, Liu. Vaccine: Perturbation-aware Alignment for Large Language Models "
+         "against Harmful Fine-tuning Attack. NeurIPS 2024, arXiv:2402.01109")
+
+
+def vaccine_perturbation(perturb_grads: jax.Array, rho: float) -> jax.Array:
+    """ε = ρ · G / (‖G‖ + 1e-7) with one global norm over all layers [L, B, T, D]."""
+    return rho * perturb_grads / (optax.tree.norm(perturb_grads) + 1e-7)
+
+
+def random_perturbation(rng: jax.Array, shape: tuple[int, ...], rho: float) -> jax.Array:
+    """ε ~ N(0, ρ I) of the given [L, B, T, D] shape (standard deviation √ρ)."""
+    return jnp.sqrt(rho) * jax.random.normal(rng, shape, jnp.float32)
+
+
+def perturb_shape(loss_fn, params, batch: dict) -> tuple[int, ...]:
+    """The [L, B, T, D] shape of the attention outputs for `batch` (traced, never run)."""
+    _, aux = jax.eval_shape(lambda: loss_fn(params, batch, capture=("attn_out",)))
+    return tuple(aux["captured"]["attn_out"].shape)
+
+
+def _grad_at(loss_fn, params, batch: dict, eps: jax.Array):
+    """∇θ f(θ; a_l + sg(ε_l)): one forward and one backward."""
+    eps = jax.lax.stop_gradient(eps)
+    return jax.grad(lambda p: loss_fn(p, batch, perturb=eps)[0])(params)
+
+
+def _check_rho(rho: float) -> None:
+    if not rho >= 0:
+        raise DefenseError(f"Vaccine's rho must be >= 0, got {rho}")
+
+
+def _needs(params, loss_fn, batches, name: str) -> None:
+    if params is None or loss_fn is None or batches is None or ALIGN not in batches:
+        raise DefenseError(f"{name} needs params and the extra args loss_fn and batches with an "
+                           f"{ALIGN!r} batch: opt.update(g, s, θ, loss_fn=..., batches=...)")
+
+
+def _vaccine_options(rho: float) -> StepOptions:
+    return StepOptions(primary=ALIGN, activation_grads=True)
+
+
+@register("vaccine", stage="alignment", level="gradient", cost=Cost(2, 2), batches=(ALIGN,),
+          paper=PAPER, options=_vaccine_options)
+def vaccine(rho: float = 2.0) -> optax.GradientTransformationExtraArgs:
+    """Vaccine's update direction ∇θ f(θ; a + ε), ε = ρ G/(‖G‖ + 1e-7) (see the module doc).
+
+    Extra args: loss_fn, batches (reads "align"), and optionally perturb_grads = G (the step
+    passes them; otherwise pass 1 runs here).
+    """
+    _check_rho(rho)
+
+    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None,
+                  perturb_grads=None, **extra):
+        del updates, extra
+        _needs(params, loss_fn, batches, "vaccine")
+        batch = batches[ALIGN]
+        if perturb_grads is None:
+            zeros = jnp.zeros(perturb_shape(loss_fn, params, batch), jnp.float32)
+            perturb_grads = jax.grad(lambda e: loss_fn(params, batch, perturb=e)[0])(zeros)
+        return _grad_at(loss_fn, params, batch, vaccine_perturbation(perturb_grads, rho)), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def _random_options(rho: float) -> StepOptions:
+    return StepOptions(primary=ALIGN,
+                       primary_perturb=functools.partial(random_perturbation, rho=rho))
+
+
+@register("random_vaccine", stage="alignment", level="gradient", cost=Cost(1, 1),
+          batches=(ALIGN,), paper=PAPER + " (random-perturbation ablation)",
+          options=_random_options)
+def random_vaccine(rho: float = 2.0) -> optax.GradientTransformationExtraArgs:
+    """∇θ f(θ; a + ε) with ε ~ N(0, ρ I) drawn from the extra arg `rng`.
+
+    When the extra arg `perturbation` is given (hfjax's step already ran its pass at a + ε), the
+    incoming gradient is that gradient and passes through unchanged.
+    """
+    _check_rho(rho)
+
+    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, rng=None,
+                  perturbation=None, **extra):
+        del extra
+        if perturbation is not None:
+            return updates, state
+        _needs(params, loss_fn, batches, "random_vaccine")
+        if rng is None:
+            raise DefenseError("random_vaccine needs the extra arg rng (a jax.random key)")
+        batch = batches[ALIGN]
+        eps = random_perturbation(rng, perturb_shape(loss_fn, params, batch), rho)
+        return _grad_at(loss_fn, params, batch, eps), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
