@@ -92,3 +92,26 @@ def test_smollm2_cached_greedy_20_tokens_equal_transformers_generate():
     cfg, p = models.load_pretrained(path)
     (out,) = greedy_generate(cfg, p, [golden["input_ids"]], max_new_tokens=20)
     assert out == golden["greedy_new_tokens"]
+
+
+def test_generation_with_unmerged_lora_equals_generation_with_merged_weights():
+    cfg, p = tiny("llama")
+    lora = models.lora.init(cfg, jax.random.key(3), rank=4, alpha=8, targets=models.PROJECTIONS)
+    lora = lora.replace(weights=jax.tree.map(
+        lambda x: x + 0.2 * jax.random.normal(jax.random.key(4), x.shape), lora.weights))
+    unmerged = generate(cfg, p, PROMPTS, max_new_tokens=10, lora=lora)
+    merged = generate(cfg, models.lora.merge(cfg, p, lora), PROMPTS, max_new_tokens=10)
+    assert unmerged == merged
+    assert unmerged != generate(cfg, p, PROMPTS, max_new_tokens=10)
+
+
+def test_generation_on_8_device_sharded_params_equals_single_device():
+    from hfjax import sharding
+
+    cfg, p = tiny("gemma2")
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    shards = sharding.tree_shardings(models.logical_axes(cfg), models.param_shapes(cfg), mesh)
+    sharded = jax.device_put(p, shards)
+    assert len(sharded["layers"]["up_proj"]["kernel"].sharding.device_set) == 8
+    assert generate(cfg, sharded, PROMPTS, max_new_tokens=10) == generate(
+        cfg, p, PROMPTS, max_new_tokens=10)
