@@ -185,13 +185,14 @@ def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
                 raise KeyboardInterrupt
             yield b
 
-    mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
-    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=100, keep=1)
-    _, hist = loop.train(fn, st0, frozen, interrupting, mesh=mesh, num_steps=10,
-                         state_shardings=st_sh, checkpointer=ck, progress=False)
-    ck.close()
-    assert len(hist) == 3
-    assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 3
+    for every in (100, 1):  # 1: the interrupted step was already saved periodically
+        mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
+        ck = checkpoint.Checkpointer(tmp_path / f"ckpt{every}", every=every, keep=1)
+        _, hist = loop.train(fn, st0, frozen, interrupting, mesh=mesh, num_steps=10,
+                             state_shardings=st_sh, checkpointer=ck, progress=False)
+        ck.close()
+        assert len(hist) == 3
+        assert checkpoint.Checkpointer(tmp_path / f"ckpt{every}").latest_step() == 3
 
 
 def test_length_buckets_compile_once_per_shape():

@@ -77,7 +77,7 @@ def train(
             checkpointer.save(step, state, {"next_step": step}, force=True)
     except KeyboardInterrupt:
         bar.write(f"interrupted at step {step}: writing a final checkpoint")
-        if checkpointer is not None:
+        if checkpointer is not None and checkpointer.latest_step() != step:
             checkpointer.save(step, state, {"next_step": step}, force=True)
     finally:
         bar.close()

@@ -1,0 +1,196 @@
+"""Reports across runs: the results table (markdown + CSV), HS / FA plots against the harmful
+ratio per defense, and the worst case over attack settings per defense.
+
+A run's `results.json` (written by `Pipeline.write_results`) holds its settings and one row per
+evaluated model (base = unaligned, aligned, final = after the attack and the defense). Tables
+put one run per line with HS and FA of each model: HS = share of held-out harmful prompts the
+judge flags, FA = task accuracy, both in %.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from hfjax.eval.report import atomic_open
+from hfjax.pipeline.run_folder import read_json
+
+MODELS = ("base", "aligned", "final")
+SETTING_COLUMNS = ("defense", "harmful_ratio", "num_samples", "lr", "epochs", "seed")
+ATTACK_SETTINGS = ("harmful_ratio", "num_samples", "lr", "epochs", "seed")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> None:
+    """Rows (dicts) as CSV with the union of their keys as header, atomically."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def load_results(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
+    """The results.json of every run folder that has one (others are skipped)."""
+    out = []
+    for d in run_dirs:
+        p = Path(d) / "results.json"
+        if p.is_file():
+            out.append(read_json(p))
+    return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}"
+
+
+def wide_rows(results: Sequence[Mapping]) -> list[dict]:
+    """One dict per run: settings, then HS/FA (fractions) of base, aligned, final."""
+    rows = []
+    for res in results:
+        s = res["settings"]
+        row = {k: s.get(k) for k in SETTING_COLUMNS}
+        by = {r["model"]: r for r in res["rows"]}
+        for m in MODELS:
+            row[f"hs_{m}"] = by.get(m, {}).get("harmful_score")
+            row[f"fa_{m}"] = by.get(m, {}).get("finetune_accuracy")
+        row["judge"] = next((r["judge"] for r in res["rows"]), None)
+        row["run_dir"] = res["run_dir"]
+        rows.append(row)
+    return rows
+
+
+def long_rows(results: Sequence[Mapping]) -> list[dict]:
+    """One dict per (run, evaluated model): settings, model label, HS, FA (fractions)."""
+    rows = []
+    for res in results:
+        s = res["settings"]
+        for r in res["rows"]:
+            rows.append({**{k: s.get(k) for k in SETTING_COLUMNS}, "model": r["model"],
+                         "label": r["label"], "harmful_score": r["harmful_score"],
+                         "finetune_accuracy": r["finetune_accuracy"], "judge": r["judge"],
+                         "task": r["task"], "run_dir": res["run_dir"]})
+    return rows
+
+
+def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths,
+                                                                       strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(b) for b in body)])
+
+
+def run_table(res: Mapping) -> str:
+    """One run: a line per evaluated model (unaligned / aligned / attacked+defense)."""
+    s = res["settings"]
+    body = [[r["label"], _pct(r["harmful_score"]), _pct(r["finetune_accuracy"]), r["judge"],
+             r["task"]] for r in res["rows"]]
+    head = (f"defense {s['defense']}, p = {s['harmful_ratio']}, n = {s['num_samples']}, "
+            f"lr = {s['lr']}, epochs = {s['epochs']}, seed = {s['seed']}\n\n")
+    return head + _markdown(["model", "HS (%)", "FA (%)", "judge", "task"], body)
+
+
+def sweep_table(results: Sequence[Mapping]) -> str:
+    """All runs: settings and HS/FA of the unaligned, aligned and attacked(+defense) models."""
+    header = ["defense", "p", "n", "lr", "epochs", "seed", "HS unaligned", "HS aligned",
+              "HS attacked", "FA unaligned", "FA aligned", "FA attacked"]
+    body = [[str(r["defense"]), str(r["harmful_ratio"]), str(r["num_samples"]), f"{r['lr']:g}",
+             str(r["epochs"]), str(r["seed"]), *(_pct(r[f"hs_{m}"]) for m in MODELS),
+             *(_pct(r[f"fa_{m}"]) for m in MODELS)] for r in wide_rows(results)]
+    return _markdown(header, body)
+
+
+def worst_case(results: Sequence[Mapping]) -> list[dict]:
+    """Per defense, the attack setting (p, n, lr, epochs, seed) with the highest final HS."""
+    best: dict[str, dict] = {}
+    for r in wide_rows(results):
+        if r["hs_final"] is None:
+            continue
+        cur = best.get(r["defense"])
+        if cur is None or r["hs_final"] > cur["hs_final"]:
+            best[r["defense"]] = r
+    out = []
+    for defense, r in sorted(best.items()):
+        n = sum(1 for x in wide_rows(results) if x["defense"] == defense
+                and x["hs_final"] is not None)
+        out.append({"defense": defense, "worst_hs": r["hs_final"], "fa_there": r["fa_final"],
+                    "settings_tried": n, **{k: r[k] for k in ATTACK_SETTINGS}})
+    return out
+
+
+def worst_case_table(results: Sequence[Mapping]) -> str:
+    header = ["defense", "worst HS (%)", "FA there (%)", "p", "n", "lr", "epochs", "seed",
+              "settings tried"]
+    body = [[w["defense"], _pct(w["worst_hs"]), _pct(w["fa_there"]), str(w["harmful_ratio"]),
+             str(w["num_samples"]), f"{w['lr']:g}", str(w["epochs"]), str(w["seed"]),
+             str(w["settings_tried"])] for w in worst_case(results)]
+    return _markdown(header, body)
+
+
+def plot_vs_ratio(results: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """PNG: final HS (left) and FA (right) against the harmful ratio p, one line per defense
+    (mean over the other settings, e.g. seeds; the band spans their min and max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, dict[float, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    for r in wide_rows(results):
+        if r["hs_final"] is not None:
+            groups[r["defense"]][float(r["harmful_ratio"])].append((r["hs_final"], r["fa_final"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (metric, title) in enumerate([(0, "harmful score HS (%)"),
+                                         (1, "fine-tune accuracy FA (%)")]):
+        ax = axes[i]
+        for defense, by_p in sorted(groups.items()):
+            ps = sorted(by_p)
+            vals = [[100 * v[metric] for v in by_p[p]] for p in ps]
+            mean = [sum(v) / len(v) for v in vals]
+            ax.plot(ps, mean, marker="o", label=defense)
+            if any(len(v) > 1 for v in vals):
+                ax.fill_between(ps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
+        ax.set_xlabel("harmful ratio p")
+        ax.set_ylabel(title)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="defense")
+    fig.suptitle("after the attack (and the defense)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -> str:
+    """results.md (table + worst case), results.csv (wide), results_long.csv, hs_fa_vs_p.png;
+    returns the markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = ("## Results\n\nHS: % of held-out harmful prompts the judge flags; FA: task "
+            "accuracy (%). unaligned = base model, aligned = after the alignment stage, "
+            "attacked = after fine-tuning on the user data (with the run's defense).\n\n"
+            + sweep_table(results) + "\n\n## Worst case over attack settings per defense\n\n"
+            + worst_case_table(results) + "\n")
+    write_text(out / "results.md", text)
+    write_csv(out / "results.csv", wide_rows(results))
+    write_csv(out / "results_long.csv", long_rows(results))
+    write_csv(out / "worst_case.csv", worst_case(results))
+    plot_vs_ratio(results, out / "hs_fa_vs_p.png")
+    return text

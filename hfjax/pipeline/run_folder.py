@@ -1,0 +1,169 @@
+"""Run folders and stage folders: what each stage wrote, with what settings, and whether it ended.
+
+    run_dir/
+      run.json             flags, seeds, package versions, devices (rewritten at every start)
+      align/  finetune/  repair/  eval_base/  eval_aligned/  eval_final/   (stage folders)
+      results.json  results.md  results.csv
+
+A stage folder holds `key.json` (the stage's settings and the fingerprints of the stages it
+reads), its artifacts, and `DONE`, written last: a stage is complete iff `DONE` exists and its
+key equals the current one. Artifacts are written to a temporary name and renamed into place.
+A stage folder whose key differs from the current settings is an error unless `--overwrite`.
+With a stage cache, a stage folder lives at `cache/NAME-FINGERPRINT` and the run folder holds a
+symlink to it, so runs with identical upstream settings share the work (a sweep aligns once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DONE = "DONE"
+KEY = "key.json"
+PACKAGES = ("hfjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
+            "tokenizers", "datasets", "safetensors", "numpy", "absl-py")
+
+
+class StageMismatchError(ValueError):
+    """A stage folder holds artifacts made with other settings."""
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fingerprint(key: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a stage key (16 hex digits)."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _diff(old: Mapping, new: Mapping) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+class StageDir:
+    """One stage's folder: its key, artifacts and DONE marker."""
+
+    def __init__(self, run_dir: Path, name: str, key: Mapping[str, Any],
+                 cache: Path | None = None):
+        self.name, self.key = name, dict(key)
+        self.fingerprint = fingerprint(self.key)
+        self.link = Path(run_dir) / name
+        self.path = (Path(cache) / f"{name}-{self.fingerprint}") if cache else self.link
+
+    @property
+    def done(self) -> bool:
+        """Complete with the current settings (raises StageMismatchError on other settings)."""
+        marker = self.path / DONE
+        if not marker.is_file():
+            return False
+        self.check_key(read_json(marker).get("key", {}))
+        return True
+
+    def check_key(self, old: Mapping) -> None:
+        if dict(old) != json.loads(json.dumps(self.key, default=str)):
+            raise StageMismatchError(
+                f"stage folder {self.path} was made with other settings ("
+                + "; ".join(_diff(old, json.loads(json.dumps(self.key, default=str))))
+                + "); pass --overwrite to redo it, or use another --run_dir")
+
+    def begin(self, overwrite: bool) -> Path:
+        """Prepare the folder for (re)running the stage; keeps checkpoints of the same key."""
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.link != self.path:
+            self.link.parent.mkdir(parents=True, exist_ok=True)
+            if self.link.is_symlink() or self.link.exists():
+                if self.link.is_symlink():
+                    self.link.unlink()
+                else:
+                    shutil.rmtree(self.link)
+            os.symlink(self.path.absolute(), self.link)
+        key_file = self.path / KEY
+        if key_file.is_file():
+            self.check_key(read_json(key_file))
+        else:
+            write_json(key_file, self.key)
+        (self.path / DONE).unlink(missing_ok=True)
+        return self.path
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+        """Write DONE (last): the key, the fingerprint, the time and a summary."""
+        write_json(self.path / DONE, {"key": json.loads(json.dumps(self.key, default=str)),
+                                      "fingerprint": self.fingerprint,
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      "summary": dict(summary or {})})
+
+    def summary(self) -> dict:
+        return read_json(self.path / DONE).get("summary", {})
+
+    def ensure_link(self) -> None:
+        """Point the run folder's entry at a cached stage folder that is already complete."""
+        if self.link == self.path:
+            return
+        if self.link.is_symlink() and os.readlink(self.link) == str(self.path.absolute()):
+            return
+        self.link.parent.mkdir(parents=True, exist_ok=True)
+        if self.link.is_symlink():
+            self.link.unlink()
+        elif self.link.exists():
+            shutil.rmtree(self.link)
+        os.symlink(self.path.absolute(), self.link)
+
+
+def write_manifest(run_dir: Path, config: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    """run.json: flags, seeds, package versions, python, host, devices, start time."""
+    import jax
+
+    write_json(Path(run_dir) / "run.json", {
+        "flags": dict(config),
+        "seeds": {"seed": config.get("seed"), "data_seed": config.get("data_seed")},
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **dict(extra),
+    })

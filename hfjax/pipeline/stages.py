@@ -1,0 +1,708 @@
+"""The protocol's stages over a run folder: align → fine-tune → repair → evaluate.
+
+    base ──align (LoRA #1, alignment defense)──► merge ──► aligned
+    aligned ──fine-tune (fresh LoRA #2 on n rows, p harmful; fine-tuning defense)──► attacked
+    attacked ──repair (post-fine-tuning defense: lora -> lora)──► final
+    evaluate base, aligned, final: HS (judge on held-out harmful prompts), FA (task test set)
+
+Each stage writes into its `StageDir` and is skipped when its DONE marker matches the current
+settings (resume); a training stage interrupted mid-way resumes from its orbax checkpoint.
+Defenses are taken from the registry by name and wired by level: data transforms edit the
+user records, gradient transforms are chained before AdamW and get their named batches,
+weight transforms map the trained LoRA after training. Loaded models and data sets are cached
+per process, so a sweep loads the base model once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hfjax import data as data_lib
+from hfjax import models, sharding
+from hfjax.defenses import api as defenses_api
+from hfjax.eval import judges as judges_lib
+from hfjax.eval import metrics as metrics_lib
+from hfjax.eval import report as report_lib
+from hfjax.eval.generate import greedy_generate
+from hfjax.pipeline.config import NONE, ConfigError, RunConfig, parse_hparams, validate
+from hfjax.pipeline.run_folder import (
+    StageDir,
+    StageMismatchError,
+    fingerprint,
+    read_json,
+    write_json,
+    write_manifest,
+)
+from hfjax.train import loop as loop_lib
+from hfjax.train import optim
+from hfjax.train import state as state_lib
+from hfjax.train import step as step_lib
+from hfjax.train.checkpoint import Checkpointer
+
+STAGES = ("align", "finetune", "repair", "eval_base", "eval_aligned", "eval_final")
+LABELS = {"base": "unaligned", "aligned": "aligned", "final": "attacked"}
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Training stopped before its last step (a checkpoint was written; rerun to resume)."""
+
+
+class MissingStageError(FileNotFoundError):
+    """A stage needs the artifacts of an earlier stage that has not run."""
+
+
+# --------------------------------------------------------------------------- model and data
+
+@dataclasses.dataclass
+class BaseModel:
+    path: str
+    cfg: models.ModelConfig
+    params: dict
+    tokenizer: Any
+
+
+@dataclasses.dataclass
+class Datasets:
+    """Records per role (see `RunConfig`'s *_data flags) and the FA metric."""
+
+    harmful_train: list  # harmful prompt -> harmful response (+ "refusal")
+    harmful_eval: list  # held-out harmful prompts
+    task_train: list
+    task_test: list
+    align_benign: list
+    task_metric: str
+
+
+_MODELS: dict[tuple, BaseModel] = {}
+_DATA: dict[str, Datasets] = {}
+
+
+HUB_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+                "special_tokens_map.json", "generation_config.json")
+
+
+def model_path(rc: RunConfig) -> str:
+    """A local model path: --model as given, a hub id ("org/name") fetched with
+    `huggingface_hub.snapshot_download` (safetensors, config and tokenizer only), or the
+    embedded default."""
+    return _resolve_model(rc.model)
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_model(model: str) -> str:
+    if not model:
+        return str(models.default_model_path())
+    local = Path(model).expanduser()
+    if local.exists() or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return str(local.absolute())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, allow_patterns=list(HUB_PATTERNS))
+    except Exception as e:  # offline, gated, or unknown repository
+        raise FileNotFoundError(f"--model={model} is no local path and the hub download "
+                                f"failed ({type(e).__name__}: {e})") from e
+
+
+def make_mesh(rc: RunConfig) -> jax.sharding.Mesh:
+    return sharding.make_mesh(*rc.mesh_shape)
+
+
+def load_base(rc: RunConfig, mesh: jax.sharding.Mesh) -> BaseModel:
+    """The base model placed with its FSDP/tensor shardings (cached per process)."""
+    path = model_path(rc)
+    key = (path, rc.dtype, tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    if key not in _MODELS:
+        _MODELS.clear()  # one base model in memory at a time
+        cfg, params = models.load_pretrained(path, dtype=jnp.dtype(rc.dtype))
+        cfg = cfg.replace(dtype=rc.dtype)
+        params = jax.device_put(params, state_lib.params_shardings(cfg, mesh))
+        _MODELS[key] = BaseModel(path, cfg, params, models.load_tokenizer(path))
+    return _MODELS[key]
+
+
+def _parse_source(spec: str) -> tuple[str, str | None, str | None]:
+    """'NAME:SPLIT' or 'NAME:PATH' (a path is an existing file or has a data-file suffix)."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not name or not rest:
+        raise ConfigError(f"data source {spec!r}: expected NAME:SPLIT or NAME:PATH, e.g. "
+                          f"beavertails:30k_train or sst2:/data/sst2.parquet")
+    is_path = Path(rest).expanduser().is_file() or Path(rest).suffix.lower() in \
+        data_lib.sources.FILE_BUILDERS
+    return (name, None, rest) if is_path else (name, rest, None)
+
+
+def _load_role(spec: str, harmful: bool | None) -> list:
+    name, split, path = _parse_source(spec)
+    rows = data_lib.load_source(name, split, path=path)
+    if harmful is not None:
+        rows = [r for r in rows if r["harmful"] == harmful]
+    if not rows:
+        raise data_lib.EmptySourceError(f"data source {spec!r} has no "
+                                        f"{'harmful' if harmful else 'benign'} rows")
+    return rows
+
+
+def _dedupe(rows: Sequence) -> list:
+    seen, out = set(), []
+    for r in rows:
+        k = data_lib.prompt_key(r)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def _metric_for(spec: str) -> str:
+    name = spec.partition(":")[0].lower()
+    return {"sst2": "sst2", "ag_news": "agnews", "gsm8k": "gsm8k"}.get(name, "offline")
+
+
+def data_key(rc: RunConfig) -> dict:
+    return {f: getattr(rc, f) for f in (
+        "data", "offline_task", "data_seed", "harmful_train_data", "harmful_eval_data",
+        "task_train_data", "task_test_data", "align_benign_data", "task_metric")}
+
+
+def load_datasets(rc: RunConfig) -> Datasets:
+    """Every role's records: the offline default, with any role replaced by a source flag."""
+    key = fingerprint(data_key(rc))
+    if key in _DATA:
+        return _DATA[key]
+    roles = {"harmful_train": (rc.harmful_train_data, True),
+             "harmful_eval": (rc.harmful_eval_data, True),
+             "task_train": (rc.task_train_data, False), "task_test": (rc.task_test_data, False),
+             "align_benign": (rc.align_benign_data, False)}
+    missing = [f"--{r}_data" for r, (s, _) in roles.items() if not s]
+    if rc.data == "hub" and missing:
+        raise ConfigError(f"--data=hub needs every source flag; missing {missing}")
+    offline = data_lib.default_data(rc.data_seed, task=rc.offline_task) if missing else None
+    out = {}
+    for role, (spec, harmful) in roles.items():
+        if spec:
+            out[role] = _load_role(spec, harmful)
+        else:
+            out[role] = getattr(offline, {"align_benign": "benign_train"}.get(role, role))
+    out["harmful_eval"] = _dedupe(out["harmful_eval"])
+    metric = rc.task_metric or (_metric_for(rc.task_test_data) if rc.task_test_data
+                                else "offline")
+    data_lib.assert_disjoint({"harmful_eval": out["harmful_eval"], "task_test": out["task_test"]},
+                             {"harmful_train": out["harmful_train"],
+                              "task_train": out["task_train"],
+                              "align_benign": out["align_benign"]})
+    _DATA[key] = Datasets(**out, task_metric=metric)
+    return _DATA[key]
+
+
+# --------------------------------------------------------------------------- defenses
+
+@dataclasses.dataclass(frozen=True)
+class Defense:
+    spec: defenses_api.DefenseSpec
+    hparams: dict
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def get_defense(rc: RunConfig, flag: str) -> Defense | None:
+    name = getattr(rc, flag)
+    if name == NONE:
+        return None
+    return Defense(defenses_api.get(name), parse_hparams(name, getattr(rc, f"{flag}_hparams")))
+
+
+def _call_with_inputs(fn: Callable, what: str, args: tuple, inputs: Mapping[str, Callable]):
+    """Call fn(*args, **named inputs it asks for); each input is built lazily by its thunk."""
+    params = list(inspect.signature(fn).parameters.values())[len(args):]
+    kwargs = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in inputs:
+            kwargs[p.name] = inputs[p.name]()
+        elif p.default is inspect.Parameter.empty:
+            raise ConfigError(f"{what} needs an input {p.name!r} the pipeline does not provide "
+                              f"(it provides {sorted(inputs)})")
+    return fn(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+def pad_to_common_length(batches: dict[str, dict]) -> dict[str, dict]:
+    """Right-pad every named batch of a step to the longest one's length (mask 0, labels -100),
+    so a multi-stream step compiles once per length instead of once per length combination."""
+    length = max(b["input_ids"].shape[1] for b in batches.values())
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": data_lib.IGNORE_INDEX}
+
+    def pad(b: dict) -> dict:
+        extra = length - b["input_ids"].shape[1]
+        if not extra:
+            return b
+        return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k])
+                for k, v in b.items()}
+
+    return {n: pad(b) for n, b in batches.items()}
+
+
+def buckets(max_length: int, step: int = 16) -> tuple[int, ...]:
+    """Batch lengths: multiples of `step` below max_length, then max_length."""
+    return tuple(range(step, max_length, step)) + (max_length,)
+
+
+class Pipeline:
+    """One run: its settings, run folder, stage folders and the stages themselves."""
+
+    def __init__(self, rc: RunConfig, mesh: jax.sharding.Mesh | None = None):
+        self.rc = validate(rc, jax.device_count())
+        self.run_dir = Path(self.rc.run_dir).expanduser().absolute()
+        self.cache = Path(self.rc.stage_cache).expanduser().absolute() if \
+            self.rc.stage_cache else None
+        self.mesh = mesh if mesh is not None else make_mesh(self.rc)
+        per = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        for f in ("batch_size", "align_batch_size"):
+            if getattr(self.rc, f) % per:
+                raise ConfigError(f"--{f}={getattr(self.rc, f)} is not divisible by the "
+                                  f"mesh's data x fsdp = {per} devices")
+        self.defenses = {f: get_defense(self.rc, f) for f in
+                         ("align_defense", "finetune_defense", "repair_defense")}
+        self._redone: set[str] = set()
+        self._aligned: dict | None = None
+        self.main_process = jax.process_index() == 0
+
+    # ------------------------------------------------------------ lazily loaded state
+    @property
+    def base(self) -> BaseModel:
+        return load_base(self.rc, self.mesh)
+
+    @property
+    def data(self) -> Datasets:
+        return load_datasets(self.rc)
+
+    # ------------------------------------------------------------ stage keys
+    def _common(self) -> dict:
+        rc = self.rc
+        return {"model": model_path(rc), "dtype": rc.dtype, "data": data_key(rc),
+                "template": rc.template, "max_length": rc.max_length, "seed": rc.seed,
+                "pad_multiple": rc.pad_multiple,
+                "lora": [rc.lora_rank, rc.lora_alpha, list(rc.targets)],
+                "optimizer": [rc.schedule, rc.warmup_ratio, rc.weight_decay, rc.max_grad_norm]}
+
+    def _defense_key(self, flag: str) -> dict | None:
+        d = self.defenses[flag]
+        return None if d is None else {"name": d.name, "hparams": d.hparams,
+                                       "data_size": self.rc.defense_data_size}
+
+    def stage(self, name: str) -> StageDir:
+        rc = self.rc
+        if name == "align":
+            key = {**self._common(), "epochs": rc.align_epochs, "lr": rc.align_lr,
+                   "batch_size": rc.align_batch_size, "refusals": rc.align_refusals,
+                   "benign": rc.align_benign, "defense": self._defense_key("align_defense")}
+        elif name == "finetune":
+            key = {**self._common(), "align": self.source_fingerprint("aligned"),
+                   "harmful_ratio": rc.harmful_ratio, "num_samples": rc.num_samples,
+                   "epochs": rc.epochs, "lr": rc.lr, "batch_size": rc.batch_size,
+                   "defense": self._defense_key("finetune_defense")}
+        elif name == "repair":
+            key = {"finetune": self.stage("finetune").fingerprint,
+                   "defense": self._defense_key("repair_defense")}
+        elif name.startswith("eval_"):
+            which = name.removeprefix("eval_")
+            key = {"model": self.source_fingerprint(which), "data": data_key(rc),
+                   "template": rc.template, "eval_size": rc.eval_size,
+                   "task_eval_size": rc.task_eval_size, "max_new_tokens": rc.max_new_tokens,
+                   "task_max_new_tokens": rc.task_max_new_tokens, "judge": rc.judge}
+        else:
+            raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
+        return StageDir(self.run_dir, name, key, self.cache)
+
+    def source_fingerprint(self, which: str) -> str:
+        """Fingerprint of the stage whose output is model `which` (base / aligned / final)."""
+        if which == "base":
+            return fingerprint({"model": model_path(self.rc), "dtype": self.rc.dtype})
+        if which == "aligned":
+            return self.stage("align").fingerprint if self.rc.align_epochs else \
+                self.source_fingerprint("base")
+        if not self.rc.epochs:
+            return self.source_fingerprint("aligned")
+        return self.stage("repair" if self.defenses["repair_defense"] else "finetune").fingerprint
+
+    def active_stages(self) -> list[str]:
+        out = []
+        if self.rc.align_epochs:
+            out.append("align")
+        if self.rc.epochs:
+            out.append("finetune")
+            if self.defenses["repair_defense"]:
+                out.append("repair")
+        return out + [f"eval_{m}" for m in self.rc.models_to_eval]
+
+    # ------------------------------------------------------------ running
+    def write_manifest(self) -> None:
+        if self.main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_manifest(self.run_dir, self.rc.to_dict(), {
+                "stages": {s: self.stage(s).fingerprint for s in self.active_stages()},
+                "model_path": model_path(self.rc)})
+
+    def run_stage(self, name: str) -> dict:
+        """Run stage `name` unless its artifacts exist (then return its summary)."""
+        sd = self.stage(name)
+        force = self.rc.overwrite and sd.fingerprint not in self._redone
+        if not force and sd.done:
+            sd.ensure_link()
+            print(f"[{name}] done already ({sd.path}); skipped", flush=True)
+            return sd.summary()
+        self._check_upstream(name)
+        print(f"[{name}] running -> {sd.path}", flush=True)
+        start = time.perf_counter()
+        out = sd.begin(overwrite=force)
+        summary = getattr(self, f"_run_{name.split('_')[0]}")(sd, out, name)
+        summary = {**summary, "wall_s": round(time.perf_counter() - start, 2)}
+        if self.main_process:
+            sd.finish(summary)
+        self._redone.add(sd.fingerprint)
+        print(f"[{name}] finished in {summary['wall_s']:.1f} s", flush=True)
+        return summary
+
+    def _check_upstream(self, name: str) -> None:
+        needs = {"finetune": ["align"] if self.rc.align_epochs else [],
+                 "repair": ["finetune"],
+                 "eval_aligned": ["align"] if self.rc.align_epochs else [],
+                 "eval_final": [s for s in ("align", "finetune", "repair")
+                                if s in self.active_stages()]}.get(name, [])
+        for up in needs:
+            if not self.stage(up).done:
+                raise MissingStageError(
+                    f"stage {name!r} needs stage {up!r}, which has not finished in "
+                    f"{self.run_dir} with these settings; run experiments.{up} (or "
+                    f"experiments.pipeline) first")
+
+    def run(self, stages: Sequence[str] | None = None) -> dict:
+        """Run `stages` (default: every active stage) in order, then write the run's results."""
+        self.write_manifest()
+        todo = list(stages) if stages is not None else self.active_stages()
+        for s in todo:
+            if s not in self.active_stages():
+                raise ConfigError(f"stage {s!r} is not part of this run (its stages: "
+                                  f"{self.active_stages()})")
+            self.run_stage(s)
+        return self.write_results()
+
+    # ------------------------------------------------------------ models
+    def aligned_params(self) -> dict:
+        base = self.base
+        if not self.rc.align_epochs:
+            return base.params
+        if self._aligned is None:
+            adapter = models.lora.load_peft(self.stage("align").path / "adapter", base.cfg)
+            merged = models.lora.merge(base.cfg, base.params, adapter)
+            self._aligned = jax.device_put(merged, state_lib.params_shardings(base.cfg,
+                                                                              self.mesh))
+        return self._aligned
+
+    def final_model(self) -> tuple[dict, Any]:
+        """(params, lora) of the final model: aligned weights + the repaired fine-tuning LoRA."""
+        if not self.rc.epochs:
+            return self.aligned_params(), None
+        stage = "repair" if self.defenses["repair_defense"] else "finetune"
+        return self.aligned_params(), models.lora.load_peft(self.stage(stage).path / "adapter",
+                                                            self.base.cfg)
+
+    # ------------------------------------------------------------ data per stage
+    def alignment_records(self) -> list:
+        d = self.data
+        return data_lib.build_alignment_set(d.harmful_train, d.align_benign,
+                                            self.rc.align_refusals, self.rc.align_benign,
+                                            self.rc.seed)
+
+    def user_records(self) -> list:
+        d = self.data
+        return data_lib.mix_user_data(d.task_train, d.harmful_train, self.rc.num_samples,
+                                      self.rc.harmful_ratio, self.rc.seed)
+
+    def _stream_records(self, name: str) -> list | dict:
+        """Records of a named extra batch stream a defense reads."""
+        d, k, seed = self.data, self.rc.defense_data_size, self.rc.seed + 1
+        if name in ("align", "alignment", "safety", "safe"):
+            return data_lib.build_alignment_set(d.harmful_train, d.align_benign, k, 0, seed)
+        if name in ("harmful", "calibration"):
+            return data_lib.build_harmful_set(d.harmful_train, k, seed)
+        raise ConfigError(f"a defense asks for a batch stream {name!r} the pipeline does not "
+                          "know (known: align, harmful)")
+
+    def _tokenize(self, records: list) -> list:
+        return data_lib.tokenize_records(records, self.base.tokenizer, self.rc.template,
+                                         self.rc.max_length)
+
+    def _batcher(self, examples, batch_size: int, seed: int, num_epochs: int | None):
+        tok = self.base.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        lengths = buckets(self.rc.max_length, self.rc.pad_multiple)
+        return data_lib.Batcher(examples, batch_size, seed, buckets=lengths, pad_id=pad,
+                                num_epochs=num_epochs, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+    def _stream_batcher(self, name: str, batch_size: int, seed: int):
+        return self._batcher(self._tokenize(self._stream_records(name)), batch_size, seed, None)
+
+    # ------------------------------------------------------------ training
+    def _train(self, out: Path, *, params: dict, records: list, stream: str, epochs: int,
+               lr: float, batch_size: int, defense: Defense | None, salt: int
+               ) -> tuple[Any, dict]:
+        """Train a fresh LoRA on `records` (the batch stream named `stream`: "align" at the
+        alignment stage, "user" at fine-tuning) for `epochs`; a gradient defense is chained
+        before AdamW, gets the step options it declares and every batch stream it names."""
+        rc, base = self.rc, self.base
+        primary = self._batcher(self._tokenize(records), batch_size, rc.seed + salt, epochs)
+        pre, step_kwargs, names = [], {"primary": stream}, [stream]
+        if defense is not None and defense.spec.level == "gradient":
+            pre.append(defense.spec.build(**defense.hparams))
+            options = defense.spec.step_options(**defense.hparams)
+            step_kwargs = options.step_kwargs()
+            names = list(dict.fromkeys([*names, *options.batch_names, *defense.spec.batches]))
+        extra = {name: self._stream_batcher(name, batch_size, rc.seed + salt + 10 + i)
+                 for i, name in enumerate(names[1:])}
+        total = primary.total_steps
+        ocfg = optim.OptimizerConfig(learning_rate=lr, schedule=rc.schedule,
+                                     warmup_ratio=rc.warmup_ratio, total_steps=total,
+                                     weight_decay=rc.weight_decay,
+                                     max_grad_norm=rc.max_grad_norm or None)
+        opt = optim.make_optimizer(ocfg, pre=pre)
+        lora = models.lora.init(base.cfg, jax.random.fold_in(jax.random.key(rc.seed), salt),
+                                rank=rc.lora_rank, alpha=rc.lora_alpha, targets=rc.targets)
+        frozen_sh = state_lib.params_shardings(base.cfg, self.mesh)
+        st, st_sh = step_lib.init_state(base.cfg, lora, opt, mesh=self.mesh, seed=rc.seed + salt)
+        fn = step_lib.make_train_step(base.cfg, opt, mesh=self.mesh, state_shardings=st_sh,
+                                      frozen_shardings=frozen_sh,
+                                      learning_rate_fn=optim.make_schedule(ocfg), **step_kwargs)
+
+        def batches(start: int) -> Iterator[dict]:
+            others = {n: b.batches(start) for n, b in extra.items()}
+            for b in primary.batches(start):
+                yield pad_to_common_length({stream: b, **{n: next(it) for n, it in
+                                                          others.items()}})
+
+        ckpt = Checkpointer(out / "ckpt", every=rc.checkpoint_every, keep=1)
+        try:
+            st, history = loop_lib.train(fn, st, params, batches, mesh=self.mesh,
+                                         num_steps=total, state_shardings=st_sh,
+                                         checkpointer=ckpt, metrics_path=out / "metrics.jsonl",
+                                         progress=rc.progress)
+        finally:
+            ckpt.close()
+        if int(st.step) < total:
+            raise StageInterrupted(f"training stopped at step {int(st.step)} of {total}; "
+                                   f"rerun the same command to resume from {out / 'ckpt'}")
+        times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
+        summary = {"steps": total, "rows": len(records), "streams": names,
+                   "compiles": fn.compiles,
+                   "final_loss": history[-1]["loss"] if history else None,
+                   "median_step_s": float(np.median(times)) if times else None}
+        return st.trainable, summary
+
+    def _data_defense(self, defense: Defense | None, records: list) -> list:
+        """Apply a data-level defense (`records -> records`, e.g. SafeInstr mixing)."""
+        if defense is None or defense.spec.level != "data":
+            return records
+        transform = defense.spec.build(**defense.hparams)
+        return _call_with_inputs(transform, defense.name, (records,), {
+            "safety": lambda: self._stream_records("align"),
+            "alignment": lambda: self._stream_records("align"),
+            "harmful": lambda: self._stream_records("harmful")})
+
+    def _save_adapter(self, out: Path, lora) -> None:
+        if self.main_process:
+            models.lora.save_peft(out / "adapter", self.base.cfg, lora,
+                                  base_model_name_or_path=model_path(self.rc))
+
+    def _run_align(self, sd: StageDir, out: Path, name: str) -> dict:
+        defense = self.defenses["align_defense"]
+        records = self._data_defense(defense, self.alignment_records())
+        lora, summary = self._train(out, params=self.base.params, records=records, stream="align",
+                                    epochs=self.rc.align_epochs, lr=self.rc.align_lr,
+                                    batch_size=self.rc.align_batch_size,
+                                    defense=defense, salt=1)
+        self._save_adapter(out, lora)
+        self._aligned = None
+        return summary
+
+    def _run_finetune(self, sd: StageDir, out: Path, name: str) -> dict:
+        records = self.user_records()
+        n_harm = sum(r["harmful"] for r in records)
+        defense = self.defenses["finetune_defense"]
+        records = self._data_defense(defense, records)
+        lora, summary = self._train(out, params=self.aligned_params(), records=records,
+                                    stream="user", epochs=self.rc.epochs, lr=self.rc.lr,
+                                    batch_size=self.rc.batch_size, defense=defense, salt=2)
+        self._save_adapter(out, lora)
+        return {**summary, "harmful_rows": n_harm}
+
+    def _run_repair(self, sd: StageDir, out: Path, name: str) -> dict:
+        """The post-fine-tuning weight transform `(cfg, params, lora, **inputs) -> lora` (or
+        `(lora, report)`); params are the aligned weights the adapter was trained on."""
+        defense = self.defenses["repair_defense"]
+        cfg = self.base.cfg
+        lora = models.lora.load_peft(self.stage("finetune").path / "adapter", cfg)
+        fn = defense.spec.build(**defense.hparams)
+
+        def calibration() -> list[dict]:
+            ex = self._tokenize(self._stream_records("harmful"))
+            return list(self._batcher(ex, self.rc.batch_size, self.rc.seed + 3, 1).batches(0))
+
+        out_lora = _call_with_inputs(fn, defense.name, (cfg, self.aligned_params(), lora), {
+            "base_params": lambda: self.base.params, "aligned_params": self.aligned_params,
+            "calibration_batches": calibration})
+        report = {}
+        if isinstance(out_lora, tuple):
+            out_lora, report = out_lora
+        self._save_adapter(out, out_lora)
+        scalars = {k: v for k, v in (report or {}).items()
+                   if isinstance(v, (int, float, str, bool, list, dict)) and k != "masks"}
+        if self.main_process:
+            write_json(out / "report.json", jax.tree.map(
+                lambda x: np.asarray(x).tolist() if hasattr(x, "shape") else x, scalars))
+        return {"defense": defense.name}
+
+    # ------------------------------------------------------------ evaluation
+    def judge(self):
+        j = self.rc.judge
+        if j == "keyword":
+            return judges_lib.KeywordRefusalJudge()
+        kind, _, path = j.partition(":")
+        if kind == "beaver_dam":
+            return judges_lib.BeaverDamJudge(path)
+        return judges_lib.HFSequenceClassifierJudge(path)
+
+    def _generate(self, params, lora, records: list, max_new_tokens: int) -> list[str]:
+        tok, cfg = self.base.tokenizer, self.base.cfg
+        ids = data_lib.encode_prompts(records, tok, self.rc.template)
+        order = np.argsort([len(p) for p in ids], kind="stable")
+        out: list[str] = [""] * len(ids)
+        bs = self.rc.eval_batch_size
+        for s in range(0, len(ids), bs):
+            chunk = order[s:s + bs]
+            gen = greedy_generate(cfg, params, [ids[i] for i in chunk],
+                                  max_new_tokens=max_new_tokens, lora=lora)
+            for i, g in zip(chunk, gen, strict=True):
+                out[i] = tok.decode(g, skip_special_tokens=True).strip()
+        return out
+
+    def eval_sets(self) -> tuple[list, list]:
+        d, rc = self.data, self.rc
+        harm = data_lib.build_eval_set(d.harmful_eval, min(rc.eval_size, len(d.harmful_eval)),
+                                       rc.data_seed)
+        task = data_lib.build_eval_set(d.task_test, min(rc.task_eval_size, len(d.task_test)),
+                                       rc.data_seed)
+        return harm, task
+
+    def _run_eval(self, sd: StageDir, out: Path, name: str) -> dict:
+        which = name.removeprefix("eval_")
+        if which == "base":
+            params, lora = self.base.params, None
+        elif which == "aligned":
+            params, lora = self.aligned_params(), None
+        else:
+            params, lora = self.final_model()
+        harm, task = self.eval_sets()
+        judge = self.judge()
+        t0 = time.perf_counter()
+        answers = self._generate(params, lora, harm, self.rc.max_new_tokens)
+        t1 = time.perf_counter()
+        prompts = [r["prompt"] for r in harm]
+        judged = judges_lib.score_with(judge, prompts, answers)
+        hs = metrics_lib.harmful_score(judged.scores)
+        task_answers = self._generate(params, lora, task, self.rc.task_max_new_tokens)
+        t2 = time.perf_counter()
+        golds = [r.get("label") or r.get("answer") for r in task]
+        task_name = self.data.task_metric
+        correct = [metrics_lib.accuracy(task_name, [a], [g]) for a, g in
+                   zip(task_answers, golds, strict=True)]
+        fa = float(np.mean(correct))
+        results = report_lib.make_results(
+            model=which, judge=judge.name, harmful_score=hs, finetune_accuracy=fa,
+            task=task_name, n_harmful=len(harm), n_flagged=int(judged.flags.sum()),
+            n_task=len(task), seeds={"seed": self.rc.seed, "data_seed": self.rc.data_seed},
+            max_new_tokens=self.rc.max_new_tokens, generate_s=round(t2 - t0, 2))
+        if self.main_process:
+            report_lib.write_generations(out / "generations_harmful.jsonl",
+                                         report_lib.generation_records(prompts, answers,
+                                                                       [judged]))
+            report_lib.write_generations(
+                out / "generations_task.jsonl",
+                report_lib.generation_records([_task_text(r) for r in task], task_answers,
+                                              extra={"gold": golds, "correct": correct}))
+            write_json(out / "results.json", results)
+        print(f"[{name}] HS {100 * hs:.1f}%  FA {100 * fa:.1f}%  "
+              f"(generation {t1 - t0:.1f} s + {t2 - t1:.1f} s)", flush=True)
+        return {"harmful_score": hs, "finetune_accuracy": fa}
+
+    # ------------------------------------------------------------ results
+    def results(self) -> dict:
+        """The run's summary: settings and HS/FA of every evaluated model that has finished."""
+        rc = self.rc
+        rows = []
+        for which in rc.models_to_eval:
+            sd = self.stage(f"eval_{which}")
+            try:
+                if not sd.done:
+                    continue
+            except StageMismatchError:  # made with other settings: not this run's result
+                continue
+            r = read_json(sd.path / "results.json")
+            rows.append({"model": which, "label": model_label(which, rc),
+                         "harmful_score": r["harmful_score"],
+                         "finetune_accuracy": r["finetune_accuracy"], "judge": r["judge"],
+                         "task": r["task"]})
+        return {"run_dir": str(self.run_dir), "settings": run_settings(rc), "rows": rows}
+
+    def write_results(self) -> dict:
+        from hfjax.pipeline import report
+
+        res = self.results()
+        if self.main_process and res["rows"]:
+            write_json(self.run_dir / "results.json", res)
+            table = report.run_table(res)
+            report.write_text(self.run_dir / "results.md", table + "\n")
+            report.write_csv(self.run_dir / "results.csv", report.long_rows([res]))
+        return res
+
+
+def _task_text(r: Mapping) -> str:
+    return r["prompt"] + (f"\n\n{r['input']}" if r.get("input") else "")
+
+
+def model_label(which: str, rc: RunConfig) -> str:
+    if which != "final":
+        return LABELS[which]
+    defense = rc.defense_label()
+    if not rc.epochs:
+        return "aligned (no fine-tuning)"
+    return "attacked" if defense == NONE else f"attacked+{defense}"
+
+
+def run_settings(rc: RunConfig) -> dict:
+    """The settings a results table groups by."""
+    rc = rc.resolved()
+    return {"defense": rc.defense_label(), "harmful_ratio": rc.harmful_ratio,
+            "num_samples": rc.num_samples, "lr": rc.lr, "epochs": rc.epochs, "seed": rc.seed,
+            "align_lr": rc.align_lr, "align_epochs": rc.align_epochs,
+            "model": Path(rc.model).name if rc.model else "SmolLM2-135M-Instruct (embedded)",
+            "harmful_count": data_lib.harmful_count(rc.num_samples, rc.harmful_ratio)
+            if rc.epochs else 0,
+            "hparams": {f: getattr(rc, f"{f}_hparams") for f in
+                        ("align_defense", "finetune_defense", "repair_defense")
+                        if getattr(rc, f) != NONE}}
+

@@ -1,0 +1,326 @@
+"""The experiment pipeline end to end on a tiny random model saved as an HF folder and generated
+data files: every stage runs, an interrupted fine-tuning resumes to the same adapter, a deleted
+DONE marker redoes only its stage, a sweep writes the table, CSV and plot, and impossible flag
+combinations fail before any work with errors that name the problem."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from hfjax.defenses.api import DefenseError
+from hfjax.models import init_random, save_hf
+from hfjax.models.config import from_hf_dict
+from hfjax.pipeline import ConfigError, Pipeline, RunConfig, StageInterrupted, parse_hparams
+from hfjax.pipeline import stages as stages_lib
+from hfjax.pipeline import sweep as sweep_lib
+from hfjax.pipeline.config import validate
+from hfjax.pipeline.run_folder import StageMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ["film", "movie", "phone", "coffee", "hotel", "plot", "song", "book", "game", "meal"]
+GOOD = ["great", "lovely", "superb", "fine", "fun"]
+BAD = ["awful", "dull", "poor", "bad", "sad"]
+
+
+def _rows():
+    """Generated data: harmful placeholders (no harmful text), a sentiment task, benign Q&A."""
+    harm = [{"prompt": f"Explain placeholder task number {i}", "target":
+             f"Sure, here is placeholder task {i}"} for i in range(60)]
+    sst = [{"sentence": f"the {w} was {a}", "label": lab} for w in WORDS
+           for lab, adjs in ((1, GOOD), (0, BAD)) for a in adjs]
+    benign = [{"instruction": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
+              for a in range(2, 8) for b in range(2, 8)]
+    return harm, sst, benign
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module (and its subprocesses): the stages build the same
+    train step and generation loop many times; each compiles once."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    folder = tmp_path_factory.mktemp("xla")
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    cc.reset_cache()
+    jax.config.update(keys[0], str(folder))
+    jax.config.update(keys[1], 0.0)
+    yield folder
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def _run_binary(args: list[str], cache: Path, timeout: int = 300):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return subprocess.run([sys.executable, "-m", *args, f"--compilation_cache={cache}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_tiny_setup(tmp_path_factory.mktemp("pipe"))
+
+
+def build_tiny_setup(root: Path) -> tuple[Path, Path, dict]:
+    """(root, tiny HF model folder with tokenizer, {role: JSONL file}) under `root`."""
+    harm, sst, benign = _rows()
+    files = {}
+    for name, rows in {"harm_train": harm[:44], "harm_eval": harm[44:],
+                       "task_train": sst[:70], "task_test": sst[70:], "benign": benign}.items():
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = [r["prompt"] + " " + r["target"] for r in harm] + [r["sentence"] for r in sst] + \
+        [r["instruction"] + " " + r["output"] for r in benign] + \
+        ["I'm sorry, but I can't help with that. positive negative Analyze the sentiment of the "
+         "input, and respond only positive or negative"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = CHATML
+    model_dir = root / "tiny-llama"
+    cfg = from_hf_dict(dict(model_type="llama", vocab_size=len(tok), hidden_size=64,
+                            intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, max_position_embeddings=256))
+    save_hf(model_dir, cfg, init_random(cfg, jax.random.key(0)))
+    tok.save_pretrained(model_dir)
+    return root, model_dir, files
+
+
+def _config(setup, run_dir, **kw) -> RunConfig:
+    root, model_dir, f = setup
+    base = dict(
+        run_dir=str(run_dir), model=str(model_dir), data="hub",
+        harmful_train_data=f"advbench:{f['harm_train']}",
+        harmful_eval_data=f"harmbench:{f['harm_eval']}",
+        task_train_data=f"sst2:{f['task_train']}", task_test_data=f"sst2:{f['task_test']}",
+        align_benign_data=f"alpaca:{f['benign']}", mesh="1,1,1", max_length=64, pad_multiple=64,
+        align_refusals=16, align_benign=16, align_batch_size=8, align_lr=3e-3,
+        num_samples=32, harmful_ratio=0.25, epochs=1, batch_size=8, lr=3e-3,
+        eval_size=6, task_eval_size=6, max_new_tokens=5, task_max_new_tokens=3,
+        eval_batch_size=8, checkpoint_every=100, progress=False, defense_data_size=16)
+    return RunConfig(**{**base, **kw})
+
+
+def _adapter(run_dir: Path, stage: str) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / stage / "adapter" / "adapter_model.safetensors"))
+
+
+def _mtime(run_dir: Path, stage: str) -> int:
+    return (run_dir / stage / "DONE").stat().st_mtime_ns
+
+
+def test_pipeline_runs_every_stage_and_resumes_an_interrupted_finetune(setup, tmp_path,
+                                                                       monkeypatch):
+    full = tmp_path / "full"  # the uninterrupted reference: training stages only
+    Pipeline(_config(setup, full)).run(["align", "finetune"])
+    assert (full / "align" / "DONE").is_file() and (full / "finetune" / "DONE").is_file()
+    metrics = (full / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4  # 32 rows / batch 8, one epoch
+
+    # Interrupt the fine-tuning at its 3rd step (Ctrl-C inside the loop) in a second run folder.
+    part = tmp_path / "part"
+    real = stages_lib.step_lib.make_train_step
+
+    def interrupting(*a, **k):
+        fn = real(*a, **k)
+        calls = {"n": 0}
+
+        class Wrapped:
+            compiles = 0
+
+            def __call__(self, state, frozen, batches):
+                calls["n"] += 1
+                if "user" in batches and calls["n"] == 3:
+                    raise KeyboardInterrupt
+                return fn(state, frozen, batches)
+
+        return Wrapped()
+
+    shutil.copytree(full / "align", part / "align")  # an existing stage is reused as is
+    monkeypatch.setattr(stages_lib.step_lib, "make_train_step", interrupting)
+    with pytest.raises(StageInterrupted, match="rerun the same command to resume"):
+        Pipeline(_config(setup, part)).run()
+    monkeypatch.undo()
+    assert (part / "align" / "DONE").is_file() and not (part / "finetune" / "DONE").exists()
+    align_done = _mtime(part, "align")
+    res = Pipeline(_config(setup, part)).run()
+    assert _mtime(part, "align") == align_done  # skipped on resume
+    for stage in ("align", "finetune", "eval_base", "eval_aligned", "eval_final"):
+        assert (part / stage / "DONE").is_file(), stage
+    assert [r["model"] for r in res["rows"]] == ["base", "aligned", "final"]
+    for r in res["rows"]:
+        assert 0.0 <= r["harmful_score"] <= 1.0 and 0.0 <= r["finetune_accuracy"] <= 1.0
+    manifest = json.loads((part / "run.json").read_text())
+    assert manifest["flags"]["harmful_ratio"] == 0.25 and manifest["packages"]["jax"]
+    assert "| attacked" in (part / "results.md").read_text()
+    gens = (part / "eval_final" / "generations_harmful.jsonl").read_text().splitlines()
+    assert len(gens) == 6 and "keyword_refusal" in json.loads(gens[0])["scores"]
+    resumed = [json.loads(x)["step"] for x in
+               (part / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == [1, 2, 3, 4]  # steps 1-2 before the interrupt, 3-4 after the resume
+    a, b = _adapter(full, "finetune"), _adapter(part, "finetune")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+    # A deleted DONE marker of a later stage redoes only that stage.
+    before = {s: _mtime(part, s) for s in ("align", "finetune", "eval_base", "eval_aligned")}
+    (part / "eval_final" / "DONE").unlink()
+    Pipeline(_config(setup, part)).run()
+    assert (part / "eval_final" / "DONE").is_file()
+    assert {s: _mtime(part, s) for s in before} == before
+
+    # Other settings in an existing run folder are an error; --overwrite redoes the stages.
+    with pytest.raises(StageMismatchError, match="lr: 0.003 -> 0.002"):
+        Pipeline(_config(setup, part, lr=2e-3)).run()
+    with pytest.raises(StageMismatchError, match="max_new_tokens: 5 -> 4"):
+        Pipeline(_config(setup, part, max_new_tokens=4)).run(["eval_final"])
+    final_done = _mtime(part, "eval_final")
+    res = Pipeline(_config(setup, part, max_new_tokens=4, overwrite=True)).run(["eval_final"])
+    assert _mtime(part, "eval_final") > final_done and _mtime(part, "align") == align_done
+    assert [r["model"] for r in res["rows"]] == ["final"]  # the others hold other settings
+
+
+def test_sweep_binary_writes_table_csv_plot_and_shares_stages(setup, tmp_path,
+                                                              compilation_cache):
+    """The sweep binary with a flagfile: no defense and Antidote (post), p in {0, 0.25}."""
+    sweep = tmp_path / "sweep"
+    rc = _config(setup, sweep, eval_models="aligned,final")
+    flagfile = tmp_path / "tiny.cfg"
+    skip = {"run_dir", "defense", "defense_hparams"}
+    flagfile.write_text("".join(f"--{k}={v}\n" for k, v in rc.to_dict().items()
+                                if k not in skip and not isinstance(v, bool)) + "--noprogress\n")
+    out = _run_binary(["experiments.sweep", f"--flagfile={flagfile}", f"--run_dir={sweep}",
+                       "--grid=defense=none,antidote", "--grid=harmful_ratio=0,0.25"],
+                      compilation_cache)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = (sweep / "results.md").read_text()
+    assert "antidote" in table and "none" in table and "Worst case" in table
+    rows = (sweep / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("defense,harmful_ratio")
+    assert (sweep / "hs_fa_vs_p.png").read_bytes()[:4] == b"\x89PNG"
+    # The alignment is shared by all four runs; each p fine-tunes once for both defenses.
+    assert len(list((sweep / "_stages").glob("align-*"))) == 1
+    assert len(list((sweep / "_stages").glob("finetune-*"))) == 2
+    assert len(list((sweep / "_stages").glob("repair-*"))) == 2
+    assert "[finetune] done already" in out.stdout
+
+
+@pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 120), ("vaccine_paper", 2),
+                                           ("lisa_paper", 2), ("booster_paper", 2)])
+def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
+    """Every preset's flags exist and every run of its grid passes the checks (no hub needed)."""
+    monkeypatch.chdir(ROOT)  # flagfiles name nested flagfiles relative to the repository
+    fv = flags.FlagValues()
+    sweep_lib.define(fv)
+    extra = ["--flagfile=experiments/presets/task_gsm8k.cfg"] if preset == "lisa_paper" else []
+    fv(["sweep", f"--flagfile=experiments/presets/{preset}.cfg", *extra,
+        f"--run_dir={tmp_path}"])
+    root, configs = sweep_lib.plan(fv, device_count=8)
+    assert len(configs) == runs and root == tmp_path
+    defenses = {rc.defense_label() for _, rc in configs}
+    assert "none" in defenses and len(defenses) > 1
+    if preset == "lisa_paper":
+        rc = dict((c["defense"], rc) for c, rc in configs)["lisa"]
+        assert rc.finetune_defense_hparams == "rho=1.0,align_steps=100,finetune_steps=900"
+        assert rc.task_train_data == "gsm8k:train" and rc.model == "meta-llama/Llama-2-7b-hf"
+    assert not any(tmp_path.iterdir())  # planning writes nothing
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(epochs=0, repair_defense="safelora"), ConfigError, "needs a post stage"),
+    (dict(epochs=0, finetune_defense="lisa"), ConfigError, "needs a finetune stage"),
+    (dict(harmful_ratio=1.5), ConfigError, r"harmful_ratio must be in \[0, 1\]"),
+    (dict(harmful_ratio=-0.1), ConfigError, r"harmful_ratio must be in \[0, 1\]"),
+    (dict(mesh="4,4,1"), ConfigError, "needs 16 devices"),
+    (dict(mesh="2,x,1"), ConfigError, "three integers"),
+    (dict(finetune_defense="nope"), DefenseError, "unknown defense 'nope'"),
+    (dict(defense="nope"), DefenseError, "unknown defense 'nope'"),
+    (dict(align_defense="lisa"), ConfigError, "lisa is a finetune defense"),
+    (dict(finetune_defense="lisa", finetune_defense_hparams="rho=abc"), ConfigError,
+     "rho='abc' is not a number"),
+    (dict(finetune_defense="lisa", finetune_defense_hparams="gamma=1"), ConfigError,
+     "no hyper-parameter 'gamma'"),
+    (dict(finetune_defense_hparams="rho=1"), ConfigError, "finetune_defense is none"),
+    (dict(lora_targets="q_proj,attn"), ValueError, "unknown LoRA target 'attn'"),
+], ids=["post-without-finetune", "finetune-defense-without-finetune", "p-above-1", "p-below-0",
+        "mesh-too-large", "mesh-malformed", "unknown-defense", "unknown-defense-flag",
+        "wrong-stage", "bad-hparam-type", "unknown-hparam", "hparams-without-defense",
+        "bad-lora-target"])
+def test_impossible_flag_combinations_fail_before_any_work(setup, tmp_path, changes, error,
+                                                           match):
+    with pytest.raises(error, match=match):
+        Pipeline(_config(setup, tmp_path / "bad", **changes))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_hparams_are_typed_like_the_defense_defaults():
+    assert parse_hparams("lisa", "rho=2, align_steps=5,finetune_steps=20") == \
+        {"rho": 2.0, "align_steps": 5, "finetune_steps": 20}
+    assert parse_hparams("safelora", "mode=count,num_proj_layers=3") == \
+        {"mode": "count", "num_proj_layers": 3}
+    with pytest.raises(ConfigError, match="align_steps='2.5' is not an integer"):
+        parse_hparams("lisa", "align_steps=2.5")
+    rc = validate(RunConfig(run_dir="x", defense="lisa", defense_hparams="rho=0.5"))
+    assert (rc.finetune_defense, rc.finetune_defense_hparams, rc.defense) == ("lisa", "rho=0.5",
+                                                                             "")
+
+
+@pytest.mark.slow
+def test_embedded_default_pipeline_runs_offline(tmp_path, compilation_cache):
+    """The real thing, small: SmolLM2-135M (embedded GGUF), offline data, every stage."""
+    out = _run_binary(["experiments.pipeline", f"--run_dir={tmp_path / 'run'}",
+                       "--align_refusals=8", "--align_benign=8", "--num_samples=16", "--epochs=1",
+                       "--eval_size=8", "--task_eval_size=8", "--max_new_tokens=8",
+                       "--noprogress"], compilation_cache, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| unaligned" in out.stdout and "| attacked" in out.stdout
+
+
+def test_batches_of_one_step_are_padded_to_a_common_length_without_new_loss_tokens():
+    short = {"input_ids": np.ones((2, 16), np.int32), "attention_mask": np.ones((2, 16), np.int32),
+             "labels": np.full((2, 16), 5, np.int32)}
+    long = {k: np.ones((2, 32), np.int32) for k in short}
+    out = stages_lib.pad_to_common_length({"user": short, "align": long})
+    assert out["user"]["input_ids"].shape == (2, 32) and out["align"] is long
+    assert out["user"]["attention_mask"][:, 16:].sum() == 0
+    assert (out["user"]["labels"][:, 16:] == -100).all()
+    assert (out["user"]["labels"][:, :16] == 5).all()
+
+
+def test_defense_inputs_are_passed_by_name_and_a_missing_one_is_named():
+    calls = []
+
+    def apply(cfg, params, lora, *, base_params, calibration_batches=None):
+        return (cfg, params, lora, base_params, calibration_batches)
+
+    inputs = {"base_params": lambda: calls.append("base") or "B",
+              "harmful": lambda: calls.append("harmful") or "H"}
+    assert stages_lib._call_with_inputs(apply, "x", (1, 2, 3), inputs) == (1, 2, 3, "B", None)
+    assert calls == ["base"]  # inputs are built only when asked for
+
+    def needs_more(cfg, params, lora, *, reference):
+        return lora
+
+    with pytest.raises(ConfigError, match="needs an input 'reference'"):
+        stages_lib._call_with_inputs(needs_more, "x", (1, 2, 3), inputs)
