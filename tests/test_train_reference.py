@@ -168,8 +168,9 @@ def test_committed_init_adapter_is_what_save_peft_writes_for_the_seed(tmp_path):
     today = safetensors.numpy.load_file(str(out / name))
     committed = safetensors.numpy.load_file(str(FIXTURES / "init_adapter" / name))
     assert sorted(today) == sorted(committed) and len(today) == 2 * 7 * cfg.num_layers
-    for key in committed:
-        np.testing.assert_array_equal(today[key], committed[key], err_msg=key)
+    for key in committed:  # equal to float32 rounding (XLA's optimization level moves an ulp)
+        np.testing.assert_allclose(today[key], committed[key], rtol=1e-6, atol=1e-8,
+                                   err_msg=key)
         if ".lora_B." in key:
             assert not np.any(committed[key])  # PEFT init: B = 0
         else:
