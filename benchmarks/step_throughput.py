@@ -5,6 +5,13 @@
 Same model, LoRA config (r, alpha, targets), batch, sequence length and precision on both stacks;
 warm-up steps excluded; the median over the timed steps. Every figure is printed with the
 hardware, precision and sizes that produced it.
+
+--repeats N alternates the two stacks N times in one run (hfjax, torch, hfjax, torch, ...) so
+that both see the same machine load; each stack's figure is then the median over all its timed
+steps, and the per-repeat ratios show how noisy the machine was. --keep_freed_memory (default on)
+applies `hfjax.host.keep_freed_memory()` to the hfjax process; the torch subprocess keeps glibc's
+defaults, which measured faster for it (2.59 vs 2.91 s/step), unless --torch_malloc_env gives it
+the same settings (`hfjax.host.MALLOC_ENV`).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hfjax import models, sharding
+from hfjax import host, models, sharding
 from hfjax.models import lora as lora_lib
 from hfjax.train import optim, state, step
 
@@ -43,6 +50,14 @@ _TORCH_PYTHON = flags.DEFINE_string(
     "a python with torch, transformers and peft: runs the PyTorch + PEFT reference",
 )
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "alternate the two stacks this many times")
+_KEEP_FREED = flags.DEFINE_bool(
+    "keep_freed_memory", True,
+    "glibc keeps freed memory mapped (hfjax.host.keep_freed_memory) in the hfjax process",
+)
+_TORCH_MALLOC_ENV = flags.DEFINE_bool(
+    "torch_malloc_env", False, "run the torch reference with hfjax.host.MALLOC_ENV as well"
+)
 
 
 def hardware() -> dict:
@@ -81,7 +96,8 @@ def time_steps(run_one) -> list[float]:
     return times
 
 
-def hfjax_lora_sft(path) -> dict:
+def hfjax_lora_sft(path):
+    """(block, step fn): block() times one block of steps (warm-up, then timed steps)."""
     dtype = jnp.dtype(_DTYPE.value)
     cfg, params = models.load_pretrained(path, dtype=dtype)
     cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
@@ -97,27 +113,38 @@ def hfjax_lora_sft(path) -> dict:
     fn = step.make_train_step(
         cfg, opt, mesh=mesh, state_shardings=st_sh, frozen_shardings=frozen_sh
     )
-    host = {"user": fixed_batch(cfg.vocab_size)}
+    batches = {"user": fixed_batch(cfg.vocab_size)}
     holder = {"state": st}
 
     def run_one():
-        holder["state"], m = fn(holder["state"], frozen, step.put_batches(host, mesh))
+        holder["state"], m = fn(holder["state"], frozen, step.put_batches(batches, mesh))
         jax.block_until_ready(m["loss"])
 
-    times = time_steps(run_one)
+    def block() -> list[float]:
+        return time_steps(run_one)
+
+    return block, fn
+
+
+def summarize(times: list[float]) -> dict:
+    """Median step time and throughput, with the spread of the timed steps."""
     med = statistics.median(times)
     return {
         "step_s": med,
         "tokens_per_s": _BATCH.value * _SEQ.value / med,
         "steps_per_s": 1 / med,
-        "compiles": fn.compiles,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "timed_steps": len(times),
     }
 
 
 def torch_lora_sft(path) -> dict | None:
+    """One run of the PyTorch + PEFT reference (a subprocess): its JSON, with step_times_s."""
     if not _TORCH_PYTHON.value:
         return None
     script = Path(__file__).with_name("torch_reference.py")
+    env = {**os.environ, **(host.MALLOC_ENV if _TORCH_MALLOC_ENV.value else {})}
     out = subprocess.run(
         [
             _TORCH_PYTHON.value,
@@ -144,12 +171,15 @@ def torch_lora_sft(path) -> dict | None:
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv):
     del argv
+    # before JAX starts its threads: a thread takes its malloc arena when it first allocates
+    kept = host.keep_freed_memory() if _KEEP_FREED.value else False
     path = _MODEL.value or models.default_model_path()
     result = {
         "hardware": hardware(),
@@ -162,15 +192,26 @@ def main(argv):
             "lora_alpha": _ALPHA.value,
             "targets": _TARGETS.value,
             "timed_steps": _STEPS.value,
+            "repeats": _REPEATS.value,
         },
+        "keep_freed_memory": kept,
+        "torch_malloc_env": _TORCH_MALLOC_ENV.value,
         "methods": {},
     }
-    hf = hfjax_lora_sft(path)
-    entry = {"hfjax": hf}
-    ref = torch_lora_sft(path)
-    if ref is not None:
-        entry["torch_peft"] = ref
-        entry["ratio"] = hf["tokens_per_s"] / ref["tokens_per_s"]
+    block, fn = hfjax_lora_sft(path)
+    hf_times, torch_times, ratios = [], [], []
+    for _ in range(_REPEATS.value):
+        times = block()
+        hf_times += times
+        ref = torch_lora_sft(path)
+        if ref is not None:
+            torch_times += ref["step_times_s"]
+            ratios.append(statistics.median(ref["step_times_s"]) / statistics.median(times))
+    entry = {"hfjax": {**summarize(hf_times), "compiles": fn.compiles}}
+    if torch_times:
+        entry["torch_peft"] = summarize(torch_times)
+        entry["ratio"] = entry["hfjax"]["tokens_per_s"] / entry["torch_peft"]["tokens_per_s"]
+        entry["ratio_per_repeat"] = ratios
     result["methods"]["lora_sft"] = entry
     if _JSON.value:
         print(json.dumps(result))
@@ -187,8 +228,11 @@ def main(argv):
         if "torch_peft" in e:
             line += (
                 f" | torch+peft {e['torch_peft']['tokens_per_s']:8.1f} tok/s"
-                f" | ratio {e['ratio']:.2f}x"
+                f" ({e['torch_peft']['step_s']:.3f} s/step) | ratio {e['ratio']:.2f}x"
             )
+            if len(e["ratio_per_repeat"]) > 1:
+                per = ", ".join(f"{r:.2f}" for r in e["ratio_per_repeat"])
+                line += f" (per repeat: {per})"
         print(line)
 
 

@@ -55,14 +55,22 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate [B, T, H, hd] by positions [B, T] as HF does (rotate_half on two halves)."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, 1, hd] of the RoPE angles positions · θ_i (each frequency twice)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate [B, T, H, hd] by positions [B, T] as HF does (rotate_half on two halves)."""
+    return _rotate(x, *rope_tables(positions, inv_freq, x.dtype))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -100,15 +108,32 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
     return out.reshape(b, t, hq, hd)
 
 
+_attention_remat = jax.checkpoint(attention, static_argnums=(0,))
+
+
 def _project(x, layer, layer_lora, name, scale, proj_inputs):
-    """x @ W (+ bias) (+ LoRA branch); records the input when capturing."""
+    """x @ W (+ bias) (+ LoRA branch); records the input when capturing.
+
+    The matmuls run on x flattened to [B·T, in]: autodiff of a 2-D LoRA branch gives weight
+    gradients dot(h, ∂y) contracting over tokens, which XLA CPU runs without transposing ∂y
+    (with [B, T, in] it materialized a transposed copy of every ∂y: ~15% of the LoRA step).
+    """
     proj_inputs[name] = x
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
     p = layer[name]
-    y = x @ p["kernel"].astype(x.dtype)
+    y = x2 @ p["kernel"].astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
-    delta = lora_lib.apply(x, layer_lora, name, scale)
-    return y if delta is None else y + delta
+    delta = lora_lib.apply(x2, layer_lora, name, scale)
+    y = y if delta is None else y + delta
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _gated(cfg: ModelConfig, g: jax.Array, u: jax.Array) -> jax.Array:
+    """act(g) ⊙ u, rematerialized: the backward pass keeps only g and u (which it needs anyway)
+    and recomputes the elementwise terms, instead of saving four more [B, T, F] tensors."""
+    return jax.checkpoint(lambda g, u: _mlp_activation(cfg, g) * u)(g, u)
 
 
 def _mlp_activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -140,12 +165,13 @@ class KVCache:
                    next_pos=jnp.zeros((batch,), jnp.int32))
 
 
-def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, xs):
+def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, h, xs):
     """One decoder layer.
 
     xs = (layer params, layer LoRA or None, window, ε_l or None, (k, v) cache slices or None).
     With a cache, the new keys/values are written at slots q_index and attention runs over all
     S slots (k_valid marks the filled ones); the updated slices are returned with the captures.
+    rope = (cos, sin) tables from `rope_tables`, computed once for all layers.
     """
     layer, layer_lora, window, eps, kv = xs
     b, t, _ = h.shape
@@ -156,7 +182,7 @@ def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, x
     q = proj(x, "q_proj").reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = proj(x, "k_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = proj(x, "v_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k = _rotate(q, *rope), _rotate(k, *rope)
     k_index = q_index
     if kv is not None:
         start = (0, q_index[0], 0, 0)
@@ -164,7 +190,9 @@ def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, x
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
         k_index = jnp.arange(k.shape[1])
     allowed = attention_mask_bias(q_index, k_index, k_valid, window)
-    attn = attention(cfg, q, k, v, allowed).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    # rematerialized: the backward pass recomputes scores/probabilities from q, k, v instead of
+    # keeping two [B, H, T, S] float32 tensors (and the mask) per layer
+    attn = _attention_remat(cfg, q, k, v, allowed).reshape(b, t, cfg.num_heads * cfg.head_dim)
     a = proj(attn, "o_proj")
     if cfg.sandwich_norms:
         a = rms_norm(a, layer["attn_post_norm"], cfg)
@@ -174,7 +202,7 @@ def _layer(cfg, inv_freq, positions, q_index, k_valid, lora_scale, capture, h, x
     h = h + a
 
     x = rms_norm(h, layer["mlp_norm"], cfg)
-    m = _mlp_activation(cfg, proj(x, "gate_proj")) * proj(x, "up_proj")
+    m = _gated(cfg, proj(x, "gate_proj"), proj(x, "up_proj"))
     m = proj(m, "down_proj")
     if cfg.sandwich_norms:
         m = rms_norm(m, layer["mlp_post_norm"], cfg)
@@ -240,8 +268,10 @@ def forward(
         k_valid = jax.lax.dynamic_update_slice(kv_cache.valid, attention_mask.astype(bool),
                                                (0, kv_cache.index))
         kv = (kv_cache.k, kv_cache.v)
+    # cos/sin once, outside the layer loop (XLA does not hoist them out of the scan)
+    rope = rope_tables(positions, rope_inv_freq(cfg), dtype)
     body = lambda carry, xs: _layer(  # noqa: E731
-        cfg, rope_inv_freq(cfg), positions, q_index, k_valid,
+        cfg, rope, q_index, k_valid,
         lora.scale if lora is not None else 0.0, tuple(capture), carry, xs,
     )
     if cfg.remat:

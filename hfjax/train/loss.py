@@ -19,13 +19,45 @@ from hfjax.models.config import ModelConfig
 IGNORE_INDEX = -100
 
 
+@jax.custom_jvp
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """−log softmax(logits)[target] per position, logits [..., V] float32, targets [...] int.
+
+        nll = logsumexp(z) − z_y,      ∂nll/∂z = softmax(z) − onehot(y)
+
+    A custom JVP states the derivative in that closed form, so the backward pass is one fused
+    elementwise pass over the logits (no log-softmax tensor, no scatter into zeros).
+    """
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    sumexp = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
+    return (jnp.log(sumexp) - jnp.take_along_axis(shifted, targets[..., None], axis=-1))[..., 0]
+
+
+@_token_nll.defjvp
+def _token_nll_jvp(primals, tangents):
+    logits, targets = primals
+    dlogits, _ = tangents
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    sumexp = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
+    nll = (jnp.log(sumexp) - jnp.take_along_axis(shifted, targets[..., None], axis=-1))[..., 0]
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    grad = jnp.exp(shifted) / sumexp - onehot
+    return nll, jnp.sum(grad * dlogits, axis=-1)
+
+
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-    """Mean CE over response tokens, with aux {tokens, accuracy, loss_sum}."""
-    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    """Mean CE over response tokens, with aux {tokens, accuracy, loss_sum}.
+
+    The shift is applied to the labels (targets_t = labels_{t+1}, the last position ignored), not
+    to the logits, so the [B, T, V] logits are never sliced into a copy.
+    """
+    b = labels.shape[0]
+    targets = jnp.concatenate(
+        [labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
     mask = targets != IGNORE_INDEX
     safe = jnp.where(mask, targets, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    nll = _token_nll(logits, safe)
     tokens = mask.sum()
     denom = jnp.maximum(tokens, 1)
     loss_sum = jnp.sum(jnp.where(mask, nll, 0.0))
