@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hfjax import defenses, models, sharding
+from hfjax import defenses, host, models, sharding
 from hfjax.models import lora as lora_lib
 from hfjax.train import optim, state, step
 
@@ -44,14 +42,7 @@ _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a tab
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = host.cpu_model()
     return {"jax_backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "devices": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count(),
             "load_avg_1m": os.getloadavg()[0]}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hfjax import models
+from hfjax import host, models
 from hfjax.data import synthetic, templates
 from hfjax.eval.generate import greedy_generate
 
@@ -72,14 +71,7 @@ def _on_event(event: str, duration: float, **_) -> None:
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = host.cpu_model()
     dev = jax.devices()[0]
     return {
         "cpu": cpu,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,14 +60,7 @@ _TORCH_MALLOC_ENV = flags.DEFINE_bool(
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = host.cpu_model()
     dev = jax.devices()[0]
     return {
         "jax_backend": jax.default_backend(),

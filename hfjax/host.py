@@ -50,3 +50,16 @@ def keep_freed_memory() -> bool:
     ok &= mallopt(_M_MMAP_MAX, 0) == 1
     ok &= mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER) == 1
     return bool(ok)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where it exists), for benchmark reports."""
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():  # noqa: SIM115
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
