@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_live import run_fixture_script
 
 from hfjax.eval.generate import greedy_generate, left_pad
 from hfjax.models.hf_io import load_hf
@@ -113,19 +112,8 @@ def test_window_off_in_hfjax_reproduces_transformers_window_off_tokens(case):
 
 @pytest.fixture(scope="module")
 def live_fixtures(tmp_path_factory):
-    torch_python = os.environ.get("HFJAX_TORCH_PYTHON")
-    if not torch_python:
-        pytest.skip(
-            "live transformers generate comparison: set HFJAX_TORCH_PYTHON to a python with "
-            "torch and transformers (e.g. /tmp/v311/bin/python)"
-        )
     out = tmp_path_factory.mktemp("generate_live")
-    proc = subprocess.run(
-        [torch_python, str(SCRIPT), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"{SCRIPT.name} failed:\n{proc.stdout}\n{proc.stderr}"
-    return out
+    return run_fixture_script(SCRIPT, out, "live transformers generate comparison")
 
 
 @pytest.mark.parametrize("case", CASES)
