@@ -116,9 +116,10 @@ _BACKBONE = dict(
 
 
 class CharTokenizer:
-    """BOS + one id per character (ids 3..95); pad id 0."""
+    """BOS + one id per character (ids 3..95); pad id 0, EOS id 2."""
 
     pad_token_id = 0
+    eos_token_id = 2
 
     def encode(self, text: str) -> list[int]:
         return [1] + [3 + (ord(c) % 93) for c in text]
@@ -183,7 +184,7 @@ def test_beaver_dam_probabilities_match_reference_computation(tmp_path):
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         text = f"BEGINNING OF CONVERSATION: USER: {p} ASSISTANT:{r}"
         assert judge.format(p, r) == text
-        want = reference_probs(params, head, tok.encode(text))
+        want = reference_probs(params, head, tok.encode(text) + [2])  # PKU appends EOS
         np.testing.assert_allclose(probs[i], want, atol=2e-5, rtol=0)
     # probabilities spread inside (0, 1): the comparison is not trivially saturated
     assert 0.01 < probs.min() and probs.max() < 0.99 and np.ptp(probs) > 0.3
@@ -244,3 +245,78 @@ def test_hf_classifier_judge_without_torch_raises_clear_error(tmp_path, monkeypa
     with pytest.raises(TorchNotAvailableError, match="needs torch"):
         HFSequenceClassifierJudge(tmp_path)
     assert issubclass(TorchNotAvailableError, ImportError)
+
+
+def test_beaver_dam_appends_eos_like_pku_and_eos_changes_the_scores(tmp_path):
+    make_beaver_dam(tmp_path, seed=3)
+    with_eos = BeaverDamJudge(tmp_path, tokenizer=CharTokenizer(), batch_size=8)
+    without = BeaverDamJudge(tmp_path, tokenizer=CharTokenizer(), batch_size=8, append_eos=False)
+    assert with_eos.token_ids("ab") == [1, 3 + ord("a") % 93, 3 + ord("b") % 93, 2]
+    assert without.token_ids("ab") == [1, 3 + ord("a") % 93, 3 + ord("b") % 93]
+    # truncation keeps the start: the EOS is cut off like PKU's right truncation of text + eos
+    short = BeaverDamJudge(tmp_path, tokenizer=CharTokenizer(), max_length=3)
+    assert short.token_ids("abcdef") == [1, 3 + ord("a") % 93, 3 + ord("b") % 93]
+    assert np.abs(with_eos.probabilities(*PAIRS) - without.probabilities(*PAIRS)).max() > 1e-3
+
+
+# ------------------------------------------------------------------ transformers, live (torch)
+
+
+def save_char_hf_tokenizer(folder: Path, texts: list[str]) -> None:
+    """An HF fast tokenizer (tokenizer.json) for the tiny classifier: one id per character seen
+    in `texts`, BOS prepended, "</s>" parsed as the EOS special token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted({c for t in texts for c in t})
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    vocab["<unk>"] = len(vocab)
+    assert len(vocab) <= _BACKBONE["vocab_size"]
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def live_judges(tmp_path_factory):
+    """The tiny beaver-dam folder with an HF tokenizer, scored in the torch Python."""
+    from tests.torch_live import ROOT, run_fixture_script
+
+    folder = tmp_path_factory.mktemp("beaver_dam_live")
+    make_beaver_dam(folder, seed=4)
+    prompts, responses = PAIRS
+    texts = [judges.qa_moderation_text(p, r) for p, r in zip(prompts, responses, strict=True)]
+    save_char_hf_tokenizer(folder, texts)
+    (folder / "pairs.json").write_text(json.dumps({"prompts": prompts, "responses": responses}))
+    run_fixture_script(ROOT / "tests/workers/judges_torch_worker.py", folder,
+                       "judges against transformers")
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+def test_beaver_dam_judge_equals_pku_qa_moderation_predict_on_transformers(live_judges):
+    folder, ref = live_judges
+    judge = BeaverDamJudge(folder, batch_size=2, pad_to=16)
+    texts = [judge.format(p, r) for p, r in zip(*PAIRS, strict=True)]
+    assert [judge.token_ids(t) for t in texts] == ref["token_ids"]  # same ids, EOS last
+    probs = judge.probabilities(*PAIRS)
+    np.testing.assert_allclose(probs, np.asarray(ref["pku"]), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-np.asarray(ref["logits"]))), atol=2e-5)
+    assert 0.01 < probs.min() and probs.max() < 0.99 and np.ptp(probs) > 0.3
+
+
+def test_hf_classifier_judge_scores_equal_the_unpadded_reference_computation(live_judges):
+    _, ref = live_judges
+    logits = np.asarray(ref["logits"])  # each pair alone, EOS appended
+    sig = 1 / (1 + np.exp(-logits))
+    soft = np.exp(logits - logits.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    np.testing.assert_allclose(ref["hf_beaver_bs2"], sig.max(1), atol=1e-6)
+    np.testing.assert_allclose(ref["hf_beaver_bs16"], sig.max(1), atol=1e-6)
+    np.testing.assert_allclose(ref["hf_label3_sigmoid"], sig[:, 3], atol=1e-6)
+    np.testing.assert_allclose(ref["hf_label1_softmax"], soft[:, 1], atol=1e-6)
+    # without the EOS the classifier reads another token: the option matters
+    assert np.abs(np.asarray(ref["hf_no_eos"]) - sig.max(1)).max() > 1e-3
+    assert ref["hf_name"] == f"hf:{live_judges[0].name}"
+    assert "harmful_label 14 out of range for 14 labels" in ref["bad_label_error"]

@@ -7,6 +7,7 @@
 `--flagfile=experiments/presets/quick.cfg` loads a preset; flags after it override it.
 `--distributed` calls `jax.distributed.initialize()` first (TPU pods, SLURM);
 `--compilation_cache` keeps compiled XLA programs across runs (default ~/.cache/hfjax/xla).
+`--keep_freed_memory` (default on) applies `hfjax.host.keep_freed_memory()` (see hfjax/host.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def define(flag_values: flags.FlagValues = FLAGS) -> None:
                             "persistent XLA compilation cache folder ('' = off): identical "
                             "train steps and generation loops compile once across runs",
                             flag_values=flag_values)
+        flags.DEFINE_bool("keep_freed_memory", True,
+                          "glibc keeps freed memory mapped (hfjax.host.keep_freed_memory): no "
+                          "page faults on XLA:CPU's per-step temp buffer; the process keeps its "
+                          "peak footprint", flag_values=flag_values)
 
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS, **overrides) -> RunConfig:
@@ -63,10 +68,16 @@ def parse_value(name: str, text: str, flag_values: flags.FlagValues = FLAGS):
 
 
 def setup_runtime(flag_values: flags.FlagValues = FLAGS) -> None:
-    """`jax.distributed.initialize()` with --distributed; the persistent compilation cache."""
+    """glibc malloc settings, `jax.distributed.initialize()` with --distributed, the persistent
+    compilation cache. Call before JAX runs anything."""
     import os
 
     import jax
+
+    from hfjax import host
+
+    if flag_values["keep_freed_memory"].value:
+        host.keep_freed_memory()
 
     if flag_values["distributed"].value:
         jax.distributed.initialize()
