@@ -19,6 +19,16 @@ def mean_logit(params, cfg, **kw):
     return jnp.mean(forward(cfg, params, IDS, **kw) ** 2)
 
 
+def test_scan_unroll_gives_the_same_logits_and_gradients():
+    g_plain = jax.grad(mean_logit)(PARAMS, CFG)
+    for unroll in (2, CFG.num_layers):
+        g = jax.grad(mean_logit)(PARAMS, CFG.replace(scan_unroll=unroll))
+        for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ModelConfigError, match="scan_unroll"):
+        CFG.replace(scan_unroll=0)
+
+
 def test_remat_gives_identical_logits_and_gradients():
     g_plain = jax.grad(mean_logit)(PARAMS, CFG)
     g_remat = jax.grad(mean_logit)(PARAMS, CFG.replace(remat=True))

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_live import run_script, torch_python
 
 from hfjax.models import decoder, embedded
 from hfjax.models.config import ModelConfig
@@ -471,16 +470,9 @@ def test_smollm2_gguf_tokenizer_encodes_chat_prompt_like_transformers():
 
 
 def test_live_transformers_parity(tmp_path):
-    torch_python = os.environ.get("HFJAX_TORCH_PYTHON")
-    if not torch_python:
-        pytest.skip("set HFJAX_TORCH_PYTHON to a python with torch + transformers to run live")
+    python = torch_python("live SmolLM2 GGUF parity with transformers")
     path = _smollm2_path()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [torch_python, str(SCRIPT), str(path), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(python, SCRIPT, str(path), "--out", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
     golden, arrays = _load_golden(tmp_path)
     cfg, params = _load_smollm2(path)
     errors = _logit_errors(cfg, params, golden, arrays)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from torch_live import ROOT, run_fixture_script
 
 from hfjax.eval import judges
 from hfjax.eval.judges import (
@@ -282,8 +283,6 @@ def save_char_hf_tokenizer(folder: Path, texts: list[str]) -> None:
 @pytest.fixture(scope="module")
 def live_judges(tmp_path_factory):
     """The tiny beaver-dam folder with an HF tokenizer, scored in the torch Python."""
-    from tests.torch_live import ROOT, run_fixture_script
-
     folder = tmp_path_factory.mktemp("beaver_dam_live")
     make_beaver_dam(folder, seed=4)
     prompts, responses = PAIRS

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from torch_live import run_fixture_script, run_script
 
 from hfjax.models import lora as lora_lib
 from hfjax.models.config import ModelConfig
@@ -405,25 +404,12 @@ def test_peft_logits_with_hfjax_written_adapter_match_hfjax():
 
 
 def test_live_peft_parity_both_directions(tmp_path):
-    torch_python = os.environ.get("HFJAX_TORCH_PYTHON")
-    if not torch_python:
-        pytest.skip("live PEFT comparison: set HFJAX_TORCH_PYTHON to a python with torch + peft")
-
-    def run(*args: str) -> None:
-        proc = subprocess.run(
-            [torch_python, str(SCRIPT), "--out", str(tmp_path), *args],
-            capture_output=True, text=True, timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    run()
+    what = "live PEFT comparison"
+    run_fixture_script(SCRIPT, tmp_path, what)
     errors = _check_peft_adapter_parity(tmp_path)
     adapter = tmp_path / "hfjax_adapter"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--write-hfjax-adapter",
-         str(adapter)], capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run("--hfjax-adapter", str(adapter))
+    run_script(sys.executable, SCRIPT, "--out", str(tmp_path), "--write-hfjax-adapter",
+               str(adapter))
+    run_fixture_script(SCRIPT, tmp_path, what, "--hfjax-adapter", str(adapter))
     errors["hfjax_adapter"] = _check_hfjax_adapter_parity(tmp_path, adapter)
     print("live PEFT parity, max |Δ| logits:", errors)

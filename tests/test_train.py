@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors.numpy import load_file
 
 from hfjax import sharding
 from hfjax.models import lora as lora_lib
@@ -221,20 +222,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_jax_distributed_run_matches_one_process(tmp_path):
+def test_two_process_run_matches_one_process_and_saves_the_same_peft_adapter(tmp_path):
     single = tmp_path / "single.json"
-    subprocess.run([sys.executable, str(WORKER), str(single), "--devices_per_process", "4"],
-                   check=True, timeout=300)
+    subprocess.run([sys.executable, str(WORKER), str(single), "--devices_per_process", "4",
+                    "--adapter", str(tmp_path / "single_adapter")], check=True, timeout=300)
     port = _free_port()
     multi = tmp_path / "multi.json"
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(multi), "--process_id", str(i),
-                               "--num_processes", "2", "--port", str(port)])
+                               "--num_processes", "2", "--port", str(port),
+                               "--adapter", str(tmp_path / "multi_adapter")])
              for i in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert (a["processes"], b["processes"]) == (1, 2)
     assert a["devices"] == b["devices"] == 4
     np.testing.assert_allclose(b["losses"], a["losses"], atol=1e-5, rtol=0)
+    # the LoRA weights were sharded across the two processes, and save_peft gathered them
+    assert b["lora_spans_processes"] and not a["lora_spans_processes"]
+    one = load_file(tmp_path / "single_adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "multi_adapter" / "adapter_model.safetensors")
+    assert sorted(one) == sorted(two) and len(one) == 2 * 2 * 2  # layers x (q, v) x (A, B)
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], atol=1e-5, rtol=0)
+    assert not list(tmp_path.glob(".multi_adapter.tmp-*"))
 
 
 def test_optimizer_receives_the_gradient_oracle_and_all_batches_as_extra_args():

@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from torch_live import run_script, torch_python
 
 from hfjax import sharding
 from hfjax.models import forward, load_pretrained
@@ -220,17 +219,14 @@ def test_the_comparison_is_sensitive_to_the_updates_and_to_weight_decay():
 
 
 def test_live_pytorch_peft_rerun_matches_hfjax_training(tmp_path):
-    torch_python = os.environ.get("HFJAX_TORCH_PYTHON")
-    if not torch_python:
-        pytest.skip("live PyTorch + PEFT training run: set HFJAX_TORCH_PYTHON to a python with "
-                    "torch + transformers + peft")
-    for python, args in ((sys.executable, ["--write-init"]), (torch_python, [])):
-        proc = subprocess.run([python, str(SCRIPT), "--out", str(tmp_path), *args],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    python = torch_python("live PyTorch + PEFT training run")
+    run_script(sys.executable, SCRIPT, "--out", str(tmp_path), "--write-init")
+    run_script(python, SCRIPT, "--out", str(tmp_path))
     cfg, _ = _base()
     fresh_init = lora_lib.load_peft(tmp_path / "init_adapter", cfg)
-    assert _max_abs_diff(fresh_init, lora_lib.load_peft(FIXTURES / "init_adapter", cfg)) == 0.0
+    # the same init up to float32 rounding (tests run XLA at optimization level 0; the fixture
+    # was written at the default level); another seed differs by ~0.1
+    assert _max_abs_diff(fresh_init, lora_lib.load_peft(FIXTURES / "init_adapter", cfg)) < 1e-7
     fresh = np.load(tmp_path / "reference.npz")
     for k, v in _batches_from(np.load(FIXTURES / "reference.npz")).items():
         np.testing.assert_array_equal(fresh[k], v, err_msg=k)

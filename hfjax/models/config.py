@@ -61,8 +61,11 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     remat: bool = False
+    scan_unroll: int = 1  # layers per scan iteration (num_layers: fully unrolled; see BUILD_NOTES)
 
     def __post_init__(self):
+        if not 1 <= self.scan_unroll:
+            raise ModelConfigError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(
                 f"unknown model_type {self.model_type!r}; hfjax supports {SUPPORTED_MODEL_TYPES}"

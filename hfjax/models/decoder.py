@@ -278,7 +278,8 @@ def forward(
         body = jax.checkpoint(body)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb, kv)
-    h, (captured, new_kv) = jax.lax.scan(body, h, xs)
+    h, (captured, new_kv) = jax.lax.scan(body, h, xs,
+                                         unroll=min(cfg.scan_unroll, cfg.num_layers))
 
     h = rms_norm(h, params["final_norm"], cfg)
     head = params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]

@@ -244,6 +244,15 @@ def peft_config(
     }
 
 
+def _to_host(x) -> np.ndarray:
+    """The whole array on this host; an all-gather when it spans several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def save_peft(
     directory: str | os.PathLike,
     cfg: ModelConfig,
@@ -252,6 +261,8 @@ def save_peft(
 ) -> Path:
     """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
+    Multi-host: call it on every process. Weights sharded across processes are all-gathered
+    (a collective every process joins); process 0 writes, the others return without writing.
     Tensors are PEFT's: lora_A.weight = A[l]ᵀ [r, in], lora_B.weight = B[l]ᵀ [out, r], float32
     unless the adapter holds another float dtype. A new directory is written in a sibling temp
     directory and renamed into place; into an existing directory each file goes to a temp name
@@ -263,11 +274,13 @@ def save_peft(
     for name in PROJECTIONS:
         if name not in lora.weights:
             continue
-        a = np.asarray(jax.device_get(lora.weights[name]["A"]))
-        b = np.asarray(jax.device_get(lora.weights[name]["B"]))
+        a = _to_host(lora.weights[name]["A"])
+        b = _to_host(lora.weights[name]["B"])
         for layer in range(cfg.num_layers):
             tensors[peft_key(layer, name, "A")] = np.ascontiguousarray(a[layer].T)
             tensors[peft_key(layer, name, "B")] = np.ascontiguousarray(b[layer].T)
+    if jax.process_index() != 0:
+        return directory
     config_text = json.dumps(peft_config(cfg, lora, base_model_name_or_path), indent=2) + "\n"
 
     def write_into(folder: Path, suffix: str = "") -> None:

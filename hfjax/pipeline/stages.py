@@ -524,9 +524,9 @@ class Pipeline:
             "harmful": lambda: self._stream_records("harmful")})
 
     def _save_adapter(self, out: Path, lora) -> None:
-        if self.main_process:
-            models.lora.save_peft(out / "adapter", self.base.cfg, lora,
-                                  base_model_name_or_path=model_path(self.rc))
+        # every process: save_peft all-gathers weights that span processes; process 0 writes
+        models.lora.save_peft(out / "adapter", self.base.cfg, lora,
+                              base_model_name_or_path=model_path(self.rc))
 
     def _run_align(self, sd: StageDir, out: Path, name: str) -> dict:
         defense = self.defenses["align_defense"]

@@ -19,6 +19,7 @@ parser.add_argument("--num_processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--devices_per_process", type=int, default=2)
 parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--adapter", default="", help="save_peft the trained LoRA to this folder")
 args = parser.parse_args()
 
 jax.config.update("jax_num_cpu_devices", args.devices_per_process)
@@ -64,7 +65,11 @@ for i in range(args.steps):
     local = {k: v[lo:lo + rows] for k, v in global_batch(i).items()}
     st, metrics = fn(st, frozen, step.put_batches({"user": local}, mesh))
     losses.append(float(metrics["loss"]))
+spans = not all(x.is_fully_addressable for x in jax.tree.leaves(st.trainable.weights))
+if args.adapter:  # every process calls it: the gather is a collective, process 0 writes
+    lora_lib.save_peft(args.adapter, cfg, st.trainable)
 if jax.process_index() == 0:
     with open(args.out, "w") as f:
         json.dump({"losses": losses, "devices": jax.device_count(),
-                   "processes": jax.process_count(), "pid": os.getpid()}, f)
+                   "processes": jax.process_count(), "pid": os.getpid(),
+                   "lora_spans_processes": spans}, f)
