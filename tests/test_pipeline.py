@@ -324,3 +324,35 @@ def test_defense_inputs_are_passed_by_name_and_a_missing_one_is_named():
 
     with pytest.raises(ConfigError, match="needs an input 'reference'"):
         stages_lib._call_with_inputs(needs_more, "x", (1, 2, 3), inputs)
+
+
+DEFENSE_STAGES = [
+    ("align_defense", "vaccine", ["align"]), ("align_defense", "random_vaccine", ["align"]),
+    ("align_defense", "booster", ["align"]), ("align_defense", "repnoise", ["align"]),
+    ("finetune_defense", "lisa", ["align", "finetune"]),
+    ("finetune_defense", "safe_instr", ["align", "finetune"]),
+    ("finetune_defense", "safe_instr_mix", ["align", "finetune"]),
+    ("repair_defense", "safelora", ["align", "finetune", "repair"]),
+    ("repair_defense", "antidote", ["align", "finetune", "repair"]),
+]
+
+
+def test_the_defense_stage_cases_cover_every_registered_defense():
+    assert sorted(d for _, d, _ in DEFENSE_STAGES) == sorted(
+        stages_lib.defenses_api.available())
+
+
+@pytest.mark.parametrize("flag, defense, stages", DEFENSE_STAGES)
+def test_every_registered_defense_runs_its_stage_through_the_pipeline(setup, tmp_path, flag,
+                                                                      defense, stages):
+    hp = {"safe_instr_mix": {"finetune_defense_hparams": "guide_data_num=4"}}.get(defense, {})
+    run = tmp_path / defense
+    Pipeline(_config(setup, run, **{flag: defense}, **hp)).run(stages)
+    for stage in stages:
+        assert (run / stage / "DONE").is_file(), stage
+    last = run / stages[-1]
+    if stages[-1] != "repair":  # a training stage: finite losses
+        losses = [json.loads(x)["loss"] for x in (last / "metrics.jsonl").read_text().splitlines()]
+        assert losses and np.all(np.isfinite(losses))
+    assert defense in (last / "key.json").read_text()
+    assert set(_adapter(run, stages[-1]))  # the stage wrote its adapter
