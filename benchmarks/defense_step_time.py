@@ -4,7 +4,8 @@
 
 Every method runs hfjax's jitted train step with the step options its registry entry gives
 (`defenses.step_options`), on the same model, LoRA, batch size and sequence length; every named
-batch a method reads ("user", "align", "harmful") has that size. After one untimed (compiling)
+batch a method reads ("user", "align", "harmful") has that size (`_hfjax_methods.make_method`,
+shared with `step_throughput.py`). After one untimed (compiling)
 step per method, timing rounds interleave the methods (one step of each per round), so a change
 in machine load hits all of them alike; the figure is the median over rounds. Ratios near the
 declared cost (Vaccine 2F+2B ~2x, Booster 3F+3B ~3x) mean no pass runs that is not declared.
@@ -16,16 +17,15 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from _hfjax_methods import gradient_defenses, make_method
 from absl import app, flags
 
 from hfjax import defenses, host, models, sharding
 from hfjax.models import lora as lora_lib
-from hfjax.train import optim, state, step
+from hfjax.train import state
 
 _MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
 _BATCH = flags.DEFINE_integer("batch", 4, "rows of every named batch")
@@ -35,9 +35,8 @@ _ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
 _TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute precision")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed rounds (one step of every method each)")
-_DEFENSES = flags.DEFINE_list(
-    "defenses", [n for n in defenses.available() if defenses.get(n).level == "gradient"],
-    "gradient defenses to time against plain LoRA SFT")
+_DEFENSES = flags.DEFINE_list("defenses", gradient_defenses(),
+                               "gradient defenses to time against plain LoRA SFT")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
 
 
@@ -46,34 +45,6 @@ def hardware() -> dict:
     return {"jax_backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "devices": jax.device_count(), "cpu": cpu, "cpu_cores": os.cpu_count(),
             "load_avg_1m": os.getloadavg()[0]}
-
-
-def batch(vocab: int, seed: int) -> dict:
-    ids = np.random.default_rng(seed).integers(0, vocab, (_BATCH.value, _SEQ.value))
-    ids = ids.astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
-
-
-def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None):
-    """A zero-argument function running one step of `name` (None: plain LoRA SFT)."""
-    spec = defenses.get(name) if name else None
-    opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000),
-                               pre=[spec.build()] if spec else [])
-    st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh,
-                              **(spec.step_options().step_kwargs() if spec else {}))
-    names = ("user", *(spec.batches if spec else ()))
-    placed = step.put_batches({n: batch(cfg.vocab_size, i) for i, n in enumerate(names)}, mesh)
-    holder = {"state": st}
-
-    def run_one() -> float:
-        t0 = time.perf_counter()
-        holder["state"], metrics = fn(holder["state"], frozen, placed)
-        jax.block_until_ready(metrics["loss"])
-        return time.perf_counter() - t0
-
-    return run_one
 
 
 def main(argv):
@@ -89,7 +60,8 @@ def main(argv):
     names = [None, *_DEFENSES.value]
     runs, compile_s = {}, {}
     for name in names:
-        runs[name] = make_method(cfg, frozen, frozen_sh, lora, mesh, name)
+        runs[name], _ = make_method(cfg, frozen, frozen_sh, lora, mesh, name,
+                                    batch=_BATCH.value, seq=_SEQ.value)
         compile_s[name] = runs[name]()  # first call: compilation + one step
     times: dict = {name: [] for name in names}
     for _ in range(_ROUNDS.value):

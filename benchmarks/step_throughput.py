@@ -1,12 +1,22 @@
-"""LoRA SFT train-step throughput of hfjax (and, with --torch_python, PyTorch + PEFT).
+"""Train-step throughput of hfjax (and, with --torch_python, PyTorch + PEFT) per method.
 
-    python benchmarks/step_throughput.py [--model PATH] [--batch 4] [--seq 128] [--json]
+    python benchmarks/step_throughput.py [--model PATH] [--batch 4] [--seq 128]
+        [--methods lora_sft,booster,...] [--json]
+
+--methods: plain LoRA SFT ("lora_sft") and gradient defenses (default: lora_sft and every
+gradient defense in hfjax's registry, with the registry's default hyper-parameters). The hfjax
+step of a method is `_hfjax_methods.make_method` (shared with `defense_step_time.py`); the torch
+step is `torch_reference.py --method NAME`, which implements each defense the way the public
+PyTorch code does (hooks, plain autograd, torch.optim.AdamW) with the same hyper-parameters and
+the same named batches ("user", "align", "harmful": numpy seeds from `batch_seeds`, checked
+against the torch side's). Tokens per second = batch·seq of the "user" batch / step time on both
+stacks, whatever batches the method reads.
 
 Same model, LoRA config (r, alpha, targets), batch, sequence length and precision on both stacks;
 warm-up steps excluded; the median over the timed steps. Every figure is printed with the
 hardware, precision and sizes that produced it.
 
---repeats N alternates the two stacks N times in one run (hfjax, torch, hfjax, torch, ...) so
+--repeats N alternates the two stacks N times per method (hfjax, torch, hfjax, torch, ...) so
 that both see the same machine load; each stack's figure is then the median over all its timed
 steps, and the per-repeat ratios show how noisy the machine was. --keep_freed_memory (default on)
 applies `hfjax.host.keep_freed_memory()` to the hfjax process; the torch subprocess keeps glibc's
@@ -21,17 +31,16 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from _hfjax_methods import LORA_SFT, batch_seeds, gradient_defenses, make_method
 from absl import app, flags
 
-from hfjax import host, models, sharding
+from hfjax import defenses, host, models, sharding
 from hfjax.models import lora as lora_lib
-from hfjax.train import optim, state, step
+from hfjax.train import state
 
 _MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
 _BATCH = flags.DEFINE_integer("batch", 4, "global batch size")
@@ -43,11 +52,16 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _STEPS = flags.DEFINE_integer("steps", 8, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed warm-up steps (compilation)")
 _REMAT = flags.DEFINE_bool("remat", False, "rematerialize each layer in the backward pass")
+_UNROLL = flags.DEFINE_integer("scan_unroll", 1, "layers per scan iteration (ModelConfig."
+                               "scan_unroll; the layer count unrolls fully)")
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python",
     os.environ.get("HFJAX_TORCH_PYTHON"),
     "a python with torch, transformers and peft: runs the PyTorch + PEFT reference",
 )
+_METHODS = flags.DEFINE_list(
+    "methods", [LORA_SFT, *gradient_defenses()],
+    "lora_sft and/or gradient defenses of hfjax's registry (each timed on both stacks)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "alternate the two stacks this many times")
 _KEEP_FREED = flags.DEFINE_bool(
@@ -71,51 +85,25 @@ def hardware() -> dict:
     }
 
 
-def fixed_batch(vocab: int) -> dict:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, (_BATCH.value, _SEQ.value)).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
-
-
 def time_steps(run_one) -> list[float]:
+    """Warm-up steps (untimed), then the timed steps' wall times (run_one returns its own)."""
     for _ in range(_WARMUP.value):
         run_one()
-    times = []
-    for _ in range(_STEPS.value):
-        t0 = time.perf_counter()
-        run_one()
-        times.append(time.perf_counter() - t0)
-    return times
+    return [run_one() for _ in range(_STEPS.value)]
 
 
-def hfjax_lora_sft(path):
-    """(block, step fn): block() times one block of steps (warm-up, then timed steps)."""
+def hfjax_setup(path):
+    """(cfg, frozen params, their shardings, LoRA init, mesh): shared by every method."""
     dtype = jnp.dtype(_DTYPE.value)
     cfg, params = models.load_pretrained(path, dtype=dtype)
-    cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value)
+    cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value, scan_unroll=_UNROLL.value)
     mesh = sharding.make_mesh(1, -1, 1)
     lora = lora_lib.init(
         cfg, jax.random.key(0), rank=_RANK.value, alpha=_ALPHA.value, targets=tuple(_TARGETS.value)
     )
-    opt_cfg = optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000)
-    opt = optim.make_optimizer(opt_cfg)
     frozen_sh = state.params_shardings(cfg, mesh)
     frozen = jax.device_put(params, frozen_sh)
-    st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(
-        cfg, opt, mesh=mesh, state_shardings=st_sh, frozen_shardings=frozen_sh
-    )
-    batches = {"user": fixed_batch(cfg.vocab_size)}
-    holder = {"state": st}
-
-    def run_one():
-        holder["state"], m = fn(holder["state"], frozen, step.put_batches(batches, mesh))
-        jax.block_until_ready(m["loss"])
-
-    def block() -> list[float]:
-        return time_steps(run_one)
-
-    return block, fn
+    return cfg, frozen, frozen_sh, lora, mesh
 
 
 def summarize(times: list[float]) -> dict:
@@ -131,8 +119,34 @@ def summarize(times: list[float]) -> dict:
     }
 
 
-def torch_lora_sft(path) -> dict | None:
-    """One run of the PyTorch + PEFT reference (a subprocess): its JSON, with step_times_s."""
+# hfjax hyper-parameter -> torch_reference.py flag, where the names differ (or None: not a flag)
+_TORCH_FLAGS = {("booster", "alpha"): "alpha_booster", ("repnoise", "alpha"): "alpha_repnoise",
+                ("repnoise", "harmful"): None}
+
+
+def hyperparameters(method: str) -> dict:
+    """The registry's default hyper-parameters of a method (none for lora_sft)."""
+    return {} if method == LORA_SFT else defenses.get(method).hyperparameters
+
+
+def torch_hparam_flags(method: str) -> list[str]:
+    """hfjax's default hyper-parameters of `method` as torch_reference.py flags, so that both
+    stacks run the same values even if the registry's defaults change."""
+    out = []
+    for name, value in hyperparameters(method).items():
+        flag = _TORCH_FLAGS.get((method, name), name)
+        if flag is None:
+            continue
+        if isinstance(value, bool):
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            out += [f"--{flag}", str(value)]
+    return out
+
+
+def torch_step(path, method: str) -> dict | None:
+    """One run of the PyTorch + PEFT reference for `method` (a subprocess): its JSON, with
+    step_times_s. Its named batches must be seeded as hfjax's (`batch_seeds`)."""
     if not _TORCH_PYTHON.value:
         return None
     script = Path(__file__).with_name("torch_reference.py")
@@ -141,6 +155,9 @@ def torch_lora_sft(path) -> dict | None:
         [
             _TORCH_PYTHON.value,
             str(script),
+            "--method",
+            method,
+            *torch_hparam_flags(method),
             "--model",
             str(path),
             "--batch",
@@ -160,12 +177,41 @@ def torch_lora_sft(path) -> dict | None:
             "--warmup",
             str(_WARMUP.value),
         ],
-        check=True,
         capture_output=True,
         text=True,
         env=env,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    if out.returncode != 0:
+        raise RuntimeError(f"torch_reference.py --method {method} failed ({out.returncode}):\n"
+                           f"{out.stderr[-4000:]}")
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    want = batch_seeds(method)
+    if ref.get("batch_seeds") != want:
+        raise RuntimeError(f"{method}: torch batch seeds {ref.get('batch_seeds')} != hfjax's "
+                           f"{want}")
+    return ref
+
+
+def time_method(setup, path, method: str) -> dict:
+    """One method on both stacks, alternating per repeat: its "methods" entry."""
+    run_one, fn = make_method(*setup, method, batch=_BATCH.value, seq=_SEQ.value)
+    hf_times, torch_times, ratios = [], [], []
+    for _ in range(_REPEATS.value):
+        times = time_steps(run_one)
+        hf_times += times
+        ref = torch_step(path, method)
+        if ref is not None:
+            torch_times += ref["step_times_s"]
+            ratios.append(statistics.median(ref["step_times_s"]) / statistics.median(times))
+    declared = "1F+1B" if method == LORA_SFT else str(defenses.get(method).cost)
+    entry = {"declared_cost": declared, "hyperparameters": hyperparameters(method),
+             "batch_seeds": batch_seeds(method),
+             "hfjax": {**summarize(hf_times), "compiles": fn.compiles}}
+    if torch_times:
+        entry["torch_peft"] = summarize(torch_times)
+        entry["ratio"] = entry["hfjax"]["tokens_per_s"] / entry["torch_peft"]["tokens_per_s"]
+        entry["ratio_per_repeat"] = ratios
+    return entry
 
 
 def main(argv):
@@ -185,26 +231,21 @@ def main(argv):
             "targets": _TARGETS.value,
             "timed_steps": _STEPS.value,
             "repeats": _REPEATS.value,
+            "warmup_steps": _WARMUP.value,
+            "remat": _REMAT.value,
+            "scan_unroll": _UNROLL.value,
         },
         "keep_freed_memory": kept,
         "torch_malloc_env": _TORCH_MALLOC_ENV.value,
         "methods": {},
     }
-    block, fn = hfjax_lora_sft(path)
-    hf_times, torch_times, ratios = [], [], []
-    for _ in range(_REPEATS.value):
-        times = block()
-        hf_times += times
-        ref = torch_lora_sft(path)
-        if ref is not None:
-            torch_times += ref["step_times_s"]
-            ratios.append(statistics.median(ref["step_times_s"]) / statistics.median(times))
-    entry = {"hfjax": {**summarize(hf_times), "compiles": fn.compiles}}
-    if torch_times:
-        entry["torch_peft"] = summarize(torch_times)
-        entry["ratio"] = entry["hfjax"]["tokens_per_s"] / entry["torch_peft"]["tokens_per_s"]
-        entry["ratio_per_repeat"] = ratios
-    result["methods"]["lora_sft"] = entry
+    unknown = [m for m in _METHODS.value if m != LORA_SFT and m not in gradient_defenses()]
+    if unknown:
+        raise app.UsageError(f"--methods {unknown}: not lora_sft or a gradient defense "
+                             f"({gradient_defenses()})")
+    setup = hfjax_setup(path)
+    for method in _METHODS.value:
+        result["methods"][method] = time_method(setup, path, method)
     if _JSON.value:
         print(json.dumps(result))
         return
@@ -216,7 +257,8 @@ def main(argv):
     )
     for name, e in result["methods"].items():
         hf = e["hfjax"]
-        line = f"{name:12s} hfjax {hf['tokens_per_s']:8.1f} tok/s ({hf['step_s']:.3f} s/step)"
+        line = (f"{name:14s} {e['declared_cost']:5s} hfjax {hf['tokens_per_s']:8.1f} tok/s "
+                f"({hf['step_s']:.3f} s/step)")
         if "torch_peft" in e:
             line += (
                 f" | torch+peft {e['torch_peft']['tokens_per_s']:8.1f} tok/s"

@@ -356,3 +356,40 @@ def test_every_registered_defense_runs_its_stage_through_the_pipeline(setup, tmp
         assert losses and np.all(np.isfinite(losses))
     assert defense in (last / "key.json").read_text()
     assert set(_adapter(run, stages[-1]))  # the stage wrote its adapter
+
+
+def test_two_process_pipeline_equals_one_process(setup, tmp_path):
+    """Every stage under 2 `jax.distributed` processes (2 CPU devices each, fsdp over all 4)
+    gives the table and adapters of one process with 4 devices."""
+    import dataclasses
+    import socket
+
+    worker = ROOT / "tests" / "workers" / "pipeline_worker.py"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    outs = {}
+    for name, nproc in (("single", 1), ("multi", 2)):
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps(dataclasses.asdict(
+            _config(setup, tmp_path / name, mesh="1,-1,1"))))
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, str(worker), str(cfg), str(tmp_path / f"{name}_out.json"),
+               "--num_processes", str(nproc), "--port", str(port),
+               "--devices_per_process", str(4 // nproc)]
+        procs = [subprocess.Popen([*cmd, "--process_id", str(i)], env=env, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(nproc)]
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * nproc, "\n".join(x[-3000:] for x in logs)
+        outs[name] = json.loads((tmp_path / f"{name}_out.json").read_text())
+    assert (outs["single"]["processes"], outs["multi"]["processes"]) == (1, 2)
+    assert outs["single"]["devices"] == outs["multi"]["devices"] == 4
+    keys = ("model", "harmful_score", "finetune_accuracy")
+    assert [{k: r[k] for k in keys} for r in outs["multi"]["rows"]] == \
+        [{k: r[k] for k in keys} for r in outs["single"]["rows"]]
+    for stage in ("align", "finetune"):
+        a, b = _adapter(tmp_path / "single", stage), _adapter(tmp_path / "multi", stage)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=f"{stage}: {k}")

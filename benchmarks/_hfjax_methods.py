@@ -1,0 +1,71 @@
+"""One hfjax train step per method (plain LoRA SFT or a gradient defense), for the benchmarks.
+
+Shared by `defense_step_time.py` and `step_throughput.py`. Every method runs hfjax's jitted
+train step with the step options its registry entry gives (`defenses.step_options`) and the
+registry's default hyper-parameters; every named batch it reads ("user", and the defense's
+`spec.batches`) is a [batch, seq] block of numpy `default_rng(seed)` random ids with all tokens
+as response tokens. Seeds: `batch_seeds` (the PyTorch reference, `torch_reference.py`, builds
+the same batches from the same seeds).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from hfjax import defenses
+from hfjax.train import optim, step
+
+LORA_SFT = "lora_sft"
+
+
+def gradient_defenses() -> list[str]:
+    """The registry's gradient-level defenses, sorted."""
+    return [n for n in defenses.available() if defenses.get(n).level == "gradient"]
+
+
+def batch_seeds(name: str | None) -> dict[str, int]:
+    """{batch name: numpy seed} of a method (None or "lora_sft": plain LoRA SFT).
+
+    names = ("user", *spec.batches), seeds their positions; a name listed twice keeps its last
+    position (e.g. Lisa's batches ("align", "user") give {"user": 2, "align": 1}).
+    """
+    spec = defenses.get(name) if name and name != LORA_SFT else None
+    names = ("user", *(spec.batches if spec else ()))
+    return {n: i for i, n in enumerate(names)}
+
+
+def random_batch(vocab: int, seed: int, batch: int, seq: int) -> dict:
+    """[batch, seq] ids from default_rng(seed); every token is a response token."""
+    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+
+
+def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None, *, batch: int, seq: int):
+    """(run_one, fn): run_one() runs one step of `name` (None or "lora_sft": plain LoRA SFT)
+    and returns its wall time in seconds; fn is the jitted step (`fn.compiles`).
+
+    AdamW lr 1e-4 constant, weight decay 0, no clipping (the PyTorch reference's optimizer),
+    with the defense's transform (default hyper-parameters) chained before it.
+    """
+    spec = defenses.get(name) if name and name != LORA_SFT else None
+    opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000),
+                               pre=[spec.build()] if spec else [])
+    st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
+    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
+                              frozen_shardings=frozen_sh,
+                              **(spec.step_options().step_kwargs() if spec else {}))
+    placed = step.put_batches(
+        {n: random_batch(cfg.vocab_size, s, batch, seq) for n, s in batch_seeds(name).items()},
+        mesh)
+    holder = {"state": st}
+
+    def run_one() -> float:
+        t0 = time.perf_counter()
+        holder["state"], metrics = fn(holder["state"], frozen, placed)
+        jax.block_until_ready(metrics["loss"])
+        return time.perf_counter() - t0
+
+    return run_one, fn

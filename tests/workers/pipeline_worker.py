@@ -1,0 +1,34 @@
+"""Run the experiment pipeline from a RunConfig JSON, as one process or as one of N
+`jax.distributed` processes on localhost (CPU collectives through gloo).
+
+    python tests/workers/pipeline_worker.py CONFIG.json OUT.json [--process_id I
+        --num_processes N --port P --devices_per_process D]
+"""
+
+import argparse
+import json
+
+import jax
+
+parser = argparse.ArgumentParser()
+parser.add_argument("config")
+parser.add_argument("out")
+parser.add_argument("--process_id", type=int, default=0)
+parser.add_argument("--num_processes", type=int, default=1)
+parser.add_argument("--port", type=int, default=0)
+parser.add_argument("--devices_per_process", type=int, default=2)
+args = parser.parse_args()
+
+jax.config.update("jax_num_cpu_devices", args.devices_per_process)
+if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{args.port}", num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+from hfjax.pipeline import Pipeline, RunConfig  # noqa: E402
+
+res = Pipeline(RunConfig(**json.loads(open(args.config).read()))).run()
+if jax.process_index() == 0:
+    with open(args.out, "w") as f:
+        json.dump({"rows": res["rows"], "processes": jax.process_count(),
+                   "devices": jax.device_count()}, f, default=str)
