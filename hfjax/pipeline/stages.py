@@ -356,23 +356,34 @@ class Pipeline:
             write_manifest(self.run_dir, self.rc.to_dict(), {
                 "stages": {s: self.stage(s).fingerprint for s in self.active_stages()},
                 "model_path": model_path(self.rc)})
+        _barrier("manifest written")
 
     def run_stage(self, name: str) -> dict:
-        """Run stage `name` unless its artifacts exist (then return its summary)."""
+        """Run stage `name` unless its artifacts exist (then return its summary).
+
+        Multi-host: process 0 alone writes the stage folder (begin, DONE); every process decides
+        from the same files, because all of them pass a barrier after deciding whether to skip
+        and after the stage finished (a shared filesystem is assumed, as for orbax)."""
         sd = self.stage(name)
         force = self.rc.overwrite and sd.fingerprint not in self._redone
-        if not force and sd.done:
-            sd.ensure_link()
+        skip = not force and sd.done
+        _barrier(f"{name}: skip decided")
+        if skip:
+            if self.main_process:
+                sd.ensure_link()
             print(f"[{name}] done already ({sd.path}); skipped", flush=True)
             return sd.summary()
         self._check_upstream(name)
         print(f"[{name}] running -> {sd.path}", flush=True)
         start = time.perf_counter()
-        out = sd.begin(overwrite=force)
-        summary = getattr(self, f"_run_{name.split('_')[0]}")(sd, out, name)
+        if self.main_process:
+            sd.begin(overwrite=force)
+        _barrier(f"{name}: folder ready")
+        summary = getattr(self, f"_run_{name.split('_')[0]}")(sd, sd.path, name)
         summary = {**summary, "wall_s": round(time.perf_counter() - start, 2)}
         if self.main_process:
             sd.finish(summary)
+        _barrier(f"{name}: finished")
         self._redone.add(sd.fingerprint)
         print(f"[{name}] finished in {summary['wall_s']:.1f} s", flush=True)
         return summary
@@ -678,6 +689,14 @@ class Pipeline:
             report.write_text(self.run_dir / "results.md", table + "\n")
             report.write_csv(self.run_dir / "results.csv", report.long_rows([res]))
         return res
+
+
+def _barrier(tag: str) -> None:
+    """Wait for every process (multi-host runs only): files process 0 wrote are visible."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
 
 
 def _task_text(r: Mapping) -> str:

@@ -7,6 +7,7 @@
 
 import argparse
 import json
+import time
 
 import jax
 
@@ -23,9 +24,20 @@ jax.config.update("jax_num_cpu_devices", args.devices_per_process)
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)
+                               process_id=args.process_id, shutdown_timeout_seconds=60)
 
-from hfjax.pipeline import Pipeline, RunConfig  # noqa: E402
+from hfjax.pipeline import Pipeline, RunConfig, run_folder  # noqa: E402
+
+if args.num_processes > 1 and jax.process_index() == 0:
+    # process 0 writes every stage's DONE marker a second late: without the pipeline's barriers
+    # the other process would find its upstream stage unfinished and fail (deterministically)
+    finish = run_folder.StageDir.finish
+
+    def late_finish(self, *a, **k):
+        time.sleep(1.0)
+        return finish(self, *a, **k)
+
+    run_folder.StageDir.finish = late_finish
 
 res = Pipeline(RunConfig(**json.loads(open(args.config).read()))).run()
 if jax.process_index() == 0:
