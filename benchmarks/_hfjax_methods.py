@@ -14,9 +14,25 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
 
-from hfjax import defenses
+from hfjax import defenses, models
 from hfjax.train import optim, step
+
+# Model, LoRA, batch and precision flags shared by the benchmarks that import this module.
+MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
+BATCH = flags.DEFINE_integer("batch", 4, "rows of every named batch")
+SEQ = flags.DEFINE_integer("seq", 128, "sequence length (every token is a response token)")
+RANK = flags.DEFINE_integer("rank", 8, "LoRA rank")
+ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
+TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute precision")
+
+
+def sizes_text() -> str:
+    """Precision, batch and LoRA of a run, for the header line of a benchmark's table."""
+    return (f"{DTYPE.value}, batch {BATCH.value} x {SEQ.value}, LoRA r={RANK.value} "
+            f"alpha={ALPHA.value:g} on {','.join(TARGETS.value)}")
 
 LORA_SFT = "lora_sft"
 

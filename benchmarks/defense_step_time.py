@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 
+import _hfjax_methods as common
 import jax
 import jax.numpy as jnp
 from _hfjax_methods import gradient_defenses, make_method
@@ -27,13 +28,6 @@ from hfjax import defenses, host, models, sharding
 from hfjax.models import lora as lora_lib
 from hfjax.train import state
 
-_MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
-_BATCH = flags.DEFINE_integer("batch", 4, "rows of every named batch")
-_SEQ = flags.DEFINE_integer("seq", 128, "sequence length (every token is a response token)")
-_RANK = flags.DEFINE_integer("rank", 8, "LoRA rank")
-_ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
-_TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute precision")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed rounds (one step of every method each)")
 _DEFENSES = flags.DEFINE_list("defenses", gradient_defenses(),
                                "gradient defenses to time against plain LoRA SFT")
@@ -49,19 +43,19 @@ def hardware() -> dict:
 
 def main(argv):
     del argv
-    path = _MODEL.value or models.default_model_path()
-    cfg, params = models.load_pretrained(path, dtype=jnp.dtype(_DTYPE.value))
-    cfg = cfg.replace(dtype=_DTYPE.value)
+    path = common.MODEL.value or models.default_model_path()
+    cfg, params = models.load_pretrained(path, dtype=jnp.dtype(common.DTYPE.value))
+    cfg = cfg.replace(dtype=common.DTYPE.value)
     mesh = sharding.make_mesh(1, -1, 1)
     frozen_sh = state.params_shardings(cfg, mesh)
     frozen = jax.device_put(params, frozen_sh)
-    lora = lora_lib.init(cfg, jax.random.key(0), rank=_RANK.value, alpha=_ALPHA.value,
-                         targets=tuple(_TARGETS.value))
+    lora = lora_lib.init(cfg, jax.random.key(0), rank=common.RANK.value, alpha=common.ALPHA.value,
+                         targets=tuple(common.TARGETS.value))
     names = [None, *_DEFENSES.value]
     runs, compile_s = {}, {}
     for name in names:
         runs[name], _ = make_method(cfg, frozen, frozen_sh, lora, mesh, name,
-                                    batch=_BATCH.value, seq=_SEQ.value)
+                                    batch=common.BATCH.value, seq=common.SEQ.value)
         compile_s[name] = runs[name]()  # first call: compilation + one step
     times: dict = {name: [] for name in names}
     for _ in range(_ROUNDS.value):
@@ -69,9 +63,10 @@ def main(argv):
             times[name].append(runs[name]())
     base = statistics.median(times[None])
     result = {
-        "hardware": hardware(), "precision": _DTYPE.value,
-        "sizes": {"model": str(path), "batch": _BATCH.value, "seq": _SEQ.value,
-                  "lora_rank": _RANK.value, "targets": _TARGETS.value, "rounds": _ROUNDS.value},
+        "hardware": hardware(), "precision": common.DTYPE.value,
+        "sizes": {"model": str(path), "batch": common.BATCH.value, "seq": common.SEQ.value,
+                  "lora_rank": common.RANK.value, "targets": common.TARGETS.value,
+                  "rounds": _ROUNDS.value},
         "methods": {name or "lora_sft": {
             "step_s": statistics.median(times[name]),
             "ratio": statistics.median(times[name]) / base,
@@ -84,8 +79,7 @@ def main(argv):
     hw = result["hardware"]
     print(f"# {hw['cpu']} ({hw['cpu_cores']} cores, load {hw['load_avg_1m']:.1f}), jax "
           f"{jax.__version__} on {hw['jax_backend']}:{hw['device']} x{hw['devices']}, "
-          f"{_DTYPE.value}, batch {_BATCH.value} x {_SEQ.value} per named batch, LoRA "
-          f"r={_RANK.value} on {','.join(_TARGETS.value)}, median of {_ROUNDS.value} rounds")
+          f"{common.sizes_text()} (every named batch), median of {_ROUNDS.value} rounds")
     for name, e in result["methods"].items():
         print(f"{name:16s} {e['declared']:6s} {e['step_s']:7.3f} s/step  {e['ratio']:5.2f}x "
               f"(first call {e['first_call_s']:.1f} s)")

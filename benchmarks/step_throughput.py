@@ -33,6 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _hfjax_methods as common
 import jax
 import jax.numpy as jnp
 from _hfjax_methods import LORA_SFT, batch_seeds, gradient_defenses, make_method
@@ -42,13 +43,6 @@ from hfjax import defenses, host, models, sharding
 from hfjax.models import lora as lora_lib
 from hfjax.train import state
 
-_MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
-_BATCH = flags.DEFINE_integer("batch", 4, "global batch size")
-_SEQ = flags.DEFINE_integer("seq", 128, "sequence length (every token is a response token)")
-_RANK = flags.DEFINE_integer("rank", 8, "LoRA rank")
-_ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
-_TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute precision")
 _STEPS = flags.DEFINE_integer("steps", 8, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed warm-up steps (compilation)")
 _REMAT = flags.DEFINE_bool("remat", False, "rematerialize each layer in the backward pass")
@@ -94,12 +88,13 @@ def time_steps(run_one) -> list[float]:
 
 def hfjax_setup(path):
     """(cfg, frozen params, their shardings, LoRA init, mesh): shared by every method."""
-    dtype = jnp.dtype(_DTYPE.value)
+    dtype = jnp.dtype(common.DTYPE.value)
     cfg, params = models.load_pretrained(path, dtype=dtype)
-    cfg = cfg.replace(dtype=_DTYPE.value, remat=_REMAT.value, scan_unroll=_UNROLL.value)
+    cfg = cfg.replace(dtype=common.DTYPE.value, remat=_REMAT.value, scan_unroll=_UNROLL.value)
     mesh = sharding.make_mesh(1, -1, 1)
     lora = lora_lib.init(
-        cfg, jax.random.key(0), rank=_RANK.value, alpha=_ALPHA.value, targets=tuple(_TARGETS.value)
+        cfg, jax.random.key(0), rank=common.RANK.value, alpha=common.ALPHA.value,
+        targets=tuple(common.TARGETS.value),
     )
     frozen_sh = state.params_shardings(cfg, mesh)
     frozen = jax.device_put(params, frozen_sh)
@@ -111,7 +106,7 @@ def summarize(times: list[float]) -> dict:
     med = statistics.median(times)
     return {
         "step_s": med,
-        "tokens_per_s": _BATCH.value * _SEQ.value / med,
+        "tokens_per_s": common.BATCH.value * common.SEQ.value / med,
         "steps_per_s": 1 / med,
         "step_s_min": min(times),
         "step_s_max": max(times),
@@ -161,17 +156,17 @@ def torch_step(path, method: str) -> dict | None:
             "--model",
             str(path),
             "--batch",
-            str(_BATCH.value),
+            str(common.BATCH.value),
             "--seq",
-            str(_SEQ.value),
+            str(common.SEQ.value),
             "--rank",
-            str(_RANK.value),
+            str(common.RANK.value),
             "--alpha",
-            str(_ALPHA.value),
+            str(common.ALPHA.value),
             "--targets",
-            ",".join(_TARGETS.value),
+            ",".join(common.TARGETS.value),
             "--dtype",
-            _DTYPE.value,
+            common.DTYPE.value,
             "--steps",
             str(_STEPS.value),
             "--warmup",
@@ -194,7 +189,7 @@ def torch_step(path, method: str) -> dict | None:
 
 def time_method(setup, path, method: str) -> dict:
     """One method on both stacks, alternating per repeat: its "methods" entry."""
-    run_one, fn = make_method(*setup, method, batch=_BATCH.value, seq=_SEQ.value)
+    run_one, fn = make_method(*setup, method, batch=common.BATCH.value, seq=common.SEQ.value)
     hf_times, torch_times, ratios = [], [], []
     for _ in range(_REPEATS.value):
         times = time_steps(run_one)
@@ -218,17 +213,17 @@ def main(argv):
     del argv
     # before JAX starts its threads: a thread takes its malloc arena when it first allocates
     kept = host.keep_freed_memory() if _KEEP_FREED.value else False
-    path = _MODEL.value or models.default_model_path()
+    path = common.MODEL.value or models.default_model_path()
     result = {
         "hardware": hardware(),
-        "precision": _DTYPE.value,
+        "precision": common.DTYPE.value,
         "sizes": {
             "model": str(path),
-            "batch": _BATCH.value,
-            "seq": _SEQ.value,
-            "lora_rank": _RANK.value,
-            "lora_alpha": _ALPHA.value,
-            "targets": _TARGETS.value,
+            "batch": common.BATCH.value,
+            "seq": common.SEQ.value,
+            "lora_rank": common.RANK.value,
+            "lora_alpha": common.ALPHA.value,
+            "targets": common.TARGETS.value,
             "timed_steps": _STEPS.value,
             "repeats": _REPEATS.value,
             "warmup_steps": _WARMUP.value,
@@ -252,8 +247,7 @@ def main(argv):
     hw = result["hardware"]
     print(
         f"# {hw['cpu']} ({hw['cpu_cores']} cores), jax {jax.__version__} on "
-        f"{hw['jax_backend']}:{hw['device']} x{hw['devices']}, {_DTYPE.value}, "
-        f"batch {_BATCH.value} x {_SEQ.value}, LoRA r={_RANK.value} on {','.join(_TARGETS.value)}"
+        f"{hw['jax_backend']}:{hw['device']} x{hw['devices']}, {common.sizes_text()}"
     )
     for name, e in result["methods"].items():
         hf = e["hfjax"]

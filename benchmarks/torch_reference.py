@@ -155,12 +155,17 @@ class AttentionHooks:
 # --- one train step per method: each returns the loss it minimized (a float) ------------------
 
 
-def step_lora_sft(model, opt, batches, args, state) -> float:
-    loss = ce(model, batches["user"])
-    loss.backward()
+def optimizer_step(opt, loss: torch.Tensor) -> float:
+    """AdamW step on the gradients `loss.backward()` left in .grad, then clear them."""
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def step_lora_sft(model, opt, batches, args, state) -> float:
+    loss = ce(model, batches["user"])
+    loss.backward()
+    return optimizer_step(opt, loss)
 
 
 def step_vaccine(model, opt, batches, args, state) -> float:
@@ -174,9 +179,7 @@ def step_vaccine(model, opt, batches, args, state) -> float:
     with AttentionHooks(model).perturb(eps):
         loss = ce(model, align)  # pass 2 at a_l + ε_l: its gradient is the update direction
         loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, loss)
 
 
 def step_random_vaccine(model, opt, batches, args, state) -> float:
@@ -187,9 +190,7 @@ def step_random_vaccine(model, opt, batches, args, state) -> float:
     with AttentionHooks(model).perturb(eps):
         loss = ce(model, align)
         loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, loss)
 
 
 def step_booster(model, opt, batches, args, state) -> float:
@@ -213,9 +214,7 @@ def step_booster(model, opt, batches, args, state) -> float:
     with torch.no_grad():
         for p, a, b in zip(params, g_h, g_h_shifted, strict=True):
             p.grad.add_(args.lam * (a - b))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, loss)
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, kernel_mul: float, kernel_num: int) -> torch.Tensor:
@@ -269,9 +268,7 @@ def step_repnoise(model, opt, batches, args, state) -> float:
     loss = (ce(model, batches["align"]) + args.beta * noise_mmd
             - args.alpha_repnoise * torch.log1p(lens_mean))
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, loss)
 
 
 def step_lisa(model, opt, batches, args, state) -> float:
@@ -301,9 +298,7 @@ def step_lisa(model, opt, batches, args, state) -> float:
 def step_safe_instr(model, opt, batches, args, state) -> float:
     loss = ce(model, batches["user"]) + args.lam * ce(model, batches["align"])
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, loss)
 
 
 STEPS = {
