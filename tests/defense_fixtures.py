@@ -112,6 +112,16 @@ def _sub_jaxprs(eqn):
                 yield v
 
 
+def primitives(jaxpr) -> set[str]:
+    """Names of every primitive in a jaxpr and all its sub-jaxprs (jit, scan, cond bodies)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in _sub_jaxprs(eqn):
+            names |= primitives(sub)
+    return names
+
+
 def count_passes(jaxpr, num_layers: int = CFG.num_layers) -> Cost:
     """Model passes in a jaxpr: forward = layer scans (length num_layers), backward = their
     transposes (reversed scans). Of `cond`/`switch` branches only one runs: the dearest counts."""

@@ -9,15 +9,21 @@ import pytest
 from defense_fixtures import (
     LORA,
     LOSS_FN,
+    build_run,
+    compile_fast,
+    count_passes,
     fast_jit,
     grad_at,
     make_batch,
     named_batches,
+    primitives,
     sgd_run,
     value_at,
 )
 
 from hfjax import defenses
+from hfjax.defenses.api import Cost
+from hfjax.train import step
 
 K_A, K_F, STEPS, RHO, LR = 2, 3, 12, 0.5, 0.1
 
@@ -138,3 +144,22 @@ def test_safe_instr_mix_swaps_guide_rows_for_benign_rows_keeping_n_and_every_har
         defenses.safe_instr_mix(guide_data_num=91)(user, safety)
     with pytest.raises(defenses.DefenseError, match="harmful=False"):
         defenses.safe_instr_mix(guide_data_num=5)(user, _records(5, True, "x"))
+
+
+def test_lisa_step_selects_between_same_shaped_batches_without_a_cond_and_trains_the_phase_batch():
+    """Same-shaped "align" and "user" batches: the step selects the phase's batch elementwise
+    (no `cond` in the program, one forward + backward) and still differentiates that batch."""
+    mesh, fn, st, frozen = build_run((1, 2, 1), "lisa", opt_cfg=None, align_steps=1,
+                                     finetune_steps=1)
+    host = [{"user": make_batch(100 + t), "align": make_batch(200 + t)} for t in range(3)]
+    batches = [step.put_batches(b, mesh) for b in host]
+    jaxpr = jax.make_jaxpr(fn.fn)(st, frozen, batches[0])
+    assert "cond" not in primitives(jaxpr.jaxpr) and "scan" in primitives(jaxpr.jaxpr)
+    assert count_passes(jaxpr.jaxpr) == Cost(1, 1)
+    compiled = compile_fast(fn, st, frozen, batches[0])
+    for t, b in enumerate(batches):
+        theta = jax.tree.map(np.asarray, st.trainable)
+        st, metrics = compiled(st, frozen, b)
+        name = "align" if t % 2 == 0 else "user"
+        assert float(metrics["loss"]) == pytest.approx(float(value_at(theta, host[t][name])),
+                                                       rel=1e-5), (t, name)

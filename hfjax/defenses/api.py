@@ -62,7 +62,8 @@ class StepOptions:
     """Keywords of `hfjax.train.step.make_train_step` that a gradient defense needs.
 
     primary: the batch the step differentiates, or a tuple of batch names chosen per step by
-      `primary_phase(opt_state) -> index` (one `lax.switch` branch runs: still 1F+1B).
+      `primary_phase(opt_state) -> index` (a select of same-shaped batches, else one
+      `lax.switch` branch: still 1F+1B).
     activation_grads: the step's backward also returns G_l = ∂L/∂a_l (w.r.t. a zero
       perturbation) and passes them as the extra arg `perturb_grads`.
     primary_perturb: `(rng, [L, B, T, D]) -> ε` added to a_l in the step's own forward pass;

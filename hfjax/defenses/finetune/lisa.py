@@ -17,8 +17,9 @@ is added before Adam. The official code applies the proximal term only after 10%
 training steps (`proximal_after`, default 0 = from the start, as in the paper's equations).
 
 The phase clock t and both anchors live in `LisaState`. hfjax's train step reads the phase
-from that state (`phase_index`) to pick its primary batch with `lax.switch` (one branch runs:
-1F+1B); in a plain user loop, pick the batch with `in_alignment(t, K_a, K_f)`.
+from that state (`phase_index`) to pick its primary batch (an elementwise select of
+same-shaped batches, else `lax.switch`: 1F+1B); in a plain user loop, pick the batch with
+`in_alignment(t, K_a, K_f)`.
 """
 
 from __future__ import annotations
