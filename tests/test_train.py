@@ -80,6 +80,19 @@ def test_token_cross_entropy_matches_hand_computed_mean_over_response_tokens():
     assert float(aux["accuracy"]) == 1.0
 
 
+def test_token_accuracy_equals_the_argmax_accuracy_over_response_tokens():
+    r = np.random.default_rng(0)
+    logits = jnp.asarray(r.normal(size=(3, 9, 11)), jnp.float32)
+    labels = r.integers(0, 11, (3, 9)).astype(np.int32)
+    labels[:, :2] = -100
+    labels[1, :] = np.roll(np.asarray(jnp.argmax(logits[1], -1)), 1)  # row 1: all predicted
+    _, aux = token_cross_entropy(logits, jnp.asarray(labels))
+    pred, target = np.asarray(jnp.argmax(logits, -1))[:, :-1], labels[:, 1:]
+    mask = target != -100
+    assert float(aux["accuracy"]) == pytest.approx((pred == target)[mask].mean(), rel=1e-6)
+    assert 0.3 < float(aux["accuracy"]) < 1.0
+
+
 def test_adamw_step_equals_hand_derived_update():
     c = optim.OptimizerConfig(learning_rate=0.1, weight_decay=0.5, total_steps=10)
     opt = optim.make_optimizer(c)

@@ -61,7 +61,12 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     tokens = mask.sum()
     denom = jnp.maximum(tokens, 1)
     loss_sum = jnp.sum(jnp.where(mask, nll, 0.0))
-    correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == safe, False))
+    # a token is predicted when its logit is the row maximum (argmax up to exact ties): this
+    # reuses the max of the log-sum-exp, where a separate argmax pass over [B, T, V] cost ~3%
+    # of a LoRA step on CPU
+    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    top = target_logit >= jnp.max(logits, axis=-1)
+    correct = jnp.sum(jnp.where(mask, top, False))
     return loss_sum / denom, {"tokens": tokens, "accuracy": correct / denom, "loss_sum": loss_sum}
 
 
