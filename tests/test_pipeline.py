@@ -263,15 +263,26 @@ def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
      "no hyper-parameter 'gamma'"),
     (dict(finetune_defense_hparams="rho=1"), ConfigError, "finetune_defense is none"),
     (dict(lora_targets="q_proj,attn"), ValueError, "unknown LoRA target 'attn'"),
+    (dict(scan_unroll=0), ConfigError, "scan_unroll must be >= 1"),
 ], ids=["post-without-finetune", "finetune-defense-without-finetune", "p-above-1", "p-below-0",
         "mesh-too-large", "mesh-malformed", "unknown-defense", "unknown-defense-flag",
         "wrong-stage", "bad-hparam-type", "unknown-hparam", "hparams-without-defense",
-        "bad-lora-target"])
+        "bad-lora-target", "scan-unroll-0"])
 def test_impossible_flag_combinations_fail_before_any_work(setup, tmp_path, changes, error,
                                                            match):
     with pytest.raises(error, match=match):
         Pipeline(_config(setup, tmp_path / "bad", **changes))
     assert not (tmp_path / "bad").exists()
+
+
+def test_scan_unroll_reaches_the_model_but_not_the_stage_keys(setup, tmp_path):
+    """--scan_unroll changes how the layer loop compiles, not the results: the model config
+    carries it, and every stage key (so a cached or resumed stage) stays the same."""
+    plain = Pipeline(_config(setup, tmp_path / "a"))
+    unrolled = Pipeline(_config(setup, tmp_path / "a", scan_unroll=2))
+    assert plain.base.cfg.scan_unroll == 1 and unrolled.base.cfg.scan_unroll == 2
+    for name in ("align", "finetune", "eval_final"):
+        assert unrolled.stage(name).fingerprint == plain.stage(name).fingerprint
 
 
 def test_hparams_are_typed_like_the_defense_defaults():
