@@ -1,23 +1,30 @@
 """One hfjax train step per method (plain LoRA SFT or a gradient defense), for the benchmarks.
 
-Shared by `defense_step_time.py` and `step_throughput.py`. Every method runs hfjax's jitted
-train step with the step options its registry entry gives (`defenses.step_options`) and the
-registry's default hyper-parameters; every named batch it reads ("user", and the defense's
-`spec.batches`) is a [batch, seq] block of numpy `default_rng(seed)` random ids with all tokens
-as response tokens. Seeds: `batch_seeds` (the PyTorch reference, `torch_reference.py`, builds
-the same batches from the same seeds).
+Shared by `defense_step_time.py`, `step_throughput.py` and `gpu_mfu.py`. Every method runs
+hfjax's jitted train step with the step options its registry entry gives
+(`defenses.step_options`) and the registry's default hyper-parameters; every named batch it
+reads ("user", and the defense's `spec.batches`) is a [batch, seq] block of numpy
+`default_rng(seed)` random ids with all tokens as response tokens. Seeds: `batch_seeds` (the
+PyTorch reference, `torch_reference.py`, builds the same batches from the same seeds).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from hfjax import defenses, models
-from hfjax.train import optim, step
+from hfjax import defenses, host, models, sharding
+from hfjax.models import lora as lora_lib
+from hfjax.train import optim, state, step
 
 # Model, LoRA, batch and precision flags shared by the benchmarks that import this module.
 MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
@@ -85,3 +92,65 @@ def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None, *, batch: 
         return time.perf_counter() - t0
 
     return run_one, fn
+
+
+# --- helpers for a benchmark script: set-up, timing, hardware, the torch subprocess ------------
+
+
+def lora_setup(cfg, params=None, *, seed: int = 0):
+    """(cfg, frozen params, their shardings, LoRA init, mesh): `make_method`'s first arguments.
+
+    One mesh over every device (FSDP axis); the frozen params placed with their shardings, or,
+    with params None, random ones (`models.init_random` in cfg.dtype, key `seed`) created
+    sharded by one jitted call. LoRA from the shared flags (RANK, ALPHA, TARGETS), key 0.
+    """
+    mesh = sharding.make_mesh(1, -1, 1)
+    frozen_sh = state.params_shardings(cfg, mesh)
+    if params is None:
+        init = jax.jit(lambda k: models.init_random(cfg, k, jnp.dtype(cfg.dtype)),
+                       out_shardings=frozen_sh)
+        frozen = init(jax.random.key(seed))
+    else:
+        frozen = jax.device_put(params, frozen_sh)
+    lora = lora_lib.init(cfg, jax.random.key(0), rank=RANK.value, alpha=ALPHA.value,
+                         targets=tuple(TARGETS.value))
+    return cfg, frozen, frozen_sh, lora, mesh
+
+
+def device_hardware() -> dict:
+    """JAX backend, device kind and count, host CPU model and cores of this process."""
+    return {"jax_backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "devices": jax.device_count(), "cpu": host.cpu_model(), "cpu_cores": os.cpu_count()}
+
+
+def timed_steps(run_one, *, warmup: int, steps: int) -> list[float]:
+    """`warmup` untimed calls of run_one (compilation), then the wall times of `steps` calls."""
+    for _ in range(warmup):
+        run_one()
+    return [run_one() for _ in range(steps)]
+
+
+def step_summary(times: list[float], tokens_per_step: int) -> dict:
+    """Median step time and tokens/s over the timed steps, with their spread."""
+    med = statistics.median(times)
+    return {"step_s": med, "tokens_per_s": tokens_per_step / med, "steps_per_s": 1 / med,
+            "step_s_min": min(times), "step_s_max": max(times), "timed_steps": len(times)}
+
+
+def torch_reference_flags(*, steps: int, warmup: int) -> list[str]:
+    """The shared batch/LoRA/precision flags and the step counts as `torch_reference.py` flags."""
+    values = {"batch": BATCH.value, "seq": SEQ.value, "rank": RANK.value, "alpha": ALPHA.value,
+              "targets": ",".join(TARGETS.value), "dtype": DTYPE.value, "steps": steps,
+              "warmup": warmup}
+    return [a for name, v in values.items() for a in (f"--{name}", str(v))]
+
+
+def run_torch_reference(python: str, args: list[str], env: dict | None = None) -> dict:
+    """`python torch_reference.py args...` in a subprocess: the JSON of its last stdout line."""
+    script = Path(__file__).with_name("torch_reference.py")
+    out = subprocess.run([python, str(script), *args], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        raise RuntimeError(f"torch_reference.py {' '.join(args)} failed ({out.returncode}):\n"
+                           f"{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

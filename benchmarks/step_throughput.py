@@ -29,9 +29,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 import _hfjax_methods as common
 import jax
@@ -39,9 +37,7 @@ import jax.numpy as jnp
 from _hfjax_methods import LORA_SFT, batch_seeds, gradient_defenses, make_method
 from absl import app, flags
 
-from hfjax import defenses, host, models, sharding
-from hfjax.models import lora as lora_lib
-from hfjax.train import state
+from hfjax import defenses, host, models
 
 _STEPS = flags.DEFINE_integer("steps", 8, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed warm-up steps (compilation)")
@@ -67,51 +63,16 @@ _TORCH_MALLOC_ENV = flags.DEFINE_bool(
 )
 
 
-def hardware() -> dict:
-    cpu = host.cpu_model()
-    dev = jax.devices()[0]
-    return {
-        "jax_backend": jax.default_backend(),
-        "device": dev.device_kind,
-        "devices": jax.device_count(),
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-    }
-
-
-def time_steps(run_one) -> list[float]:
-    """Warm-up steps (untimed), then the timed steps' wall times (run_one returns its own)."""
-    for _ in range(_WARMUP.value):
-        run_one()
-    return [run_one() for _ in range(_STEPS.value)]
-
-
 def hfjax_setup(path):
     """(cfg, frozen params, their shardings, LoRA init, mesh): shared by every method."""
-    dtype = jnp.dtype(common.DTYPE.value)
-    cfg, params = models.load_pretrained(path, dtype=dtype)
+    cfg, params = models.load_pretrained(path, dtype=jnp.dtype(common.DTYPE.value))
     cfg = cfg.replace(dtype=common.DTYPE.value, remat=_REMAT.value, scan_unroll=_UNROLL.value)
-    mesh = sharding.make_mesh(1, -1, 1)
-    lora = lora_lib.init(
-        cfg, jax.random.key(0), rank=common.RANK.value, alpha=common.ALPHA.value,
-        targets=tuple(common.TARGETS.value),
-    )
-    frozen_sh = state.params_shardings(cfg, mesh)
-    frozen = jax.device_put(params, frozen_sh)
-    return cfg, frozen, frozen_sh, lora, mesh
+    return common.lora_setup(cfg, params)
 
 
 def summarize(times: list[float]) -> dict:
     """Median step time and throughput, with the spread of the timed steps."""
-    med = statistics.median(times)
-    return {
-        "step_s": med,
-        "tokens_per_s": common.BATCH.value * common.SEQ.value / med,
-        "steps_per_s": 1 / med,
-        "step_s_min": min(times),
-        "step_s_max": max(times),
-        "timed_steps": len(times),
-    }
+    return common.step_summary(times, common.BATCH.value * common.SEQ.value)
 
 
 # hfjax hyper-parameter -> torch_reference.py flag, where the names differ (or None: not a flag)
@@ -144,42 +105,12 @@ def torch_step(path, method: str) -> dict | None:
     step_times_s. Its named batches must be seeded as hfjax's (`batch_seeds`)."""
     if not _TORCH_PYTHON.value:
         return None
-    script = Path(__file__).with_name("torch_reference.py")
-    env = {**os.environ, **(host.MALLOC_ENV if _TORCH_MALLOC_ENV.value else {})}
-    out = subprocess.run(
-        [
-            _TORCH_PYTHON.value,
-            str(script),
-            "--method",
-            method,
-            *torch_hparam_flags(method),
-            "--model",
-            str(path),
-            "--batch",
-            str(common.BATCH.value),
-            "--seq",
-            str(common.SEQ.value),
-            "--rank",
-            str(common.RANK.value),
-            "--alpha",
-            str(common.ALPHA.value),
-            "--targets",
-            ",".join(common.TARGETS.value),
-            "--dtype",
-            common.DTYPE.value,
-            "--steps",
-            str(_STEPS.value),
-            "--warmup",
-            str(_WARMUP.value),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"torch_reference.py --method {method} failed ({out.returncode}):\n"
-                           f"{out.stderr[-4000:]}")
-    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    env = host.MALLOC_ENV if _TORCH_MALLOC_ENV.value else None
+    ref = common.run_torch_reference(
+        _TORCH_PYTHON.value,
+        ["--method", method, *torch_hparam_flags(method), "--model", str(path),
+         *common.torch_reference_flags(steps=_STEPS.value, warmup=_WARMUP.value)],
+        env)
     want = batch_seeds(method)
     if ref.get("batch_seeds") != want:
         raise RuntimeError(f"{method}: torch batch seeds {ref.get('batch_seeds')} != hfjax's "
@@ -192,7 +123,7 @@ def time_method(setup, path, method: str) -> dict:
     run_one, fn = make_method(*setup, method, batch=common.BATCH.value, seq=common.SEQ.value)
     hf_times, torch_times, ratios = [], [], []
     for _ in range(_REPEATS.value):
-        times = time_steps(run_one)
+        times = common.timed_steps(run_one, warmup=_WARMUP.value, steps=_STEPS.value)
         hf_times += times
         ref = torch_step(path, method)
         if ref is not None:
@@ -215,7 +146,7 @@ def main(argv):
     kept = host.keep_freed_memory() if _KEEP_FREED.value else False
     path = common.MODEL.value or models.default_model_path()
     result = {
-        "hardware": hardware(),
+        "hardware": common.device_hardware(),
         "precision": common.DTYPE.value,
         "sizes": {
             "model": str(path),

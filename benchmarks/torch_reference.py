@@ -1,15 +1,20 @@
 """PyTorch + PEFT reference for `step_throughput.py`: the train step of LoRA SFT or a defense.
 
-    python benchmarks/torch_reference.py --model PATH [--method lora_sft] [--batch 4]
-        [--seq 128] [--rank 8] [--alpha 16] [--targets q_proj,...] [--dtype float32]
-        [--steps 8] [--warmup 2] [method hyper-parameters: --rho, --lam, ...]
+    python benchmarks/torch_reference.py (--model PATH | --config_json PATH)
+        [--method lora_sft] [--batch 4] [--seq 128] [--rank 8] [--alpha 16]
+        [--targets q_proj,...] [--dtype float32] [--device cpu] [--steps 8] [--warmup 2]
+        [method hyper-parameters: --rho, --lam, ...]
 
 Run by a python that has torch, transformers and peft (never by the hfjax test environment; no
 jax or hfjax import here). The model is an HF folder or a .gguf file (transformers dequantizes
-it, as hfjax does). LoRA as PEFT's `LoraConfig(r, lora_alpha, target_modules, lora_dropout=0)`;
-AdamW over the LoRA parameters (lr 1e-4, weight decay 0, as hfjax's benchmark); every loss is
-HF's mean token CE over all tokens (labels = input_ids, the shift inside the model), which is
-hfjax's response-token CE when every token is a response token.
+it, as hfjax does), or with --config_json an HF config.json built by
+`AutoModelForCausalLM.from_config` with random weights (seeded by --seed; `gpu_mfu.py`).
+--device cuda puts the model and batches on the GPU (created there directly with --config_json)
+and synchronizes before each clock read. LoRA as PEFT's
+`LoraConfig(r, lora_alpha, target_modules, lora_dropout=0)`; AdamW over the LoRA parameters
+(lr 1e-4, weight decay 0, as hfjax's benchmark); every loss is HF's mean token CE over all
+tokens (labels = input_ids, the shift inside the model), which is hfjax's response-token CE
+when every token is a response token.
 
 --method picks the step, written the way the public PyTorch implementations do it (forward hooks,
 plain autograd), computing what hfjax's defense of the same name computes (hfjax/defenses/) with
@@ -40,7 +45,8 @@ batches) and seeds their positions, a repeated name keeping its last one (`BATCH
 `benchmarks/_hfjax_methods.batch_seeds`). Torch keeps its default thread count. Warm-up steps
 are excluded and the median step time is reported. The last stdout line is JSON {"method",
 "step_s", "tokens_per_s" (batch·seq of "user" per second), "steps_per_s", "batch_seeds",
-"losses" (per step, the objective it minimized; Vaccine's at the perturbed activations), ...}.
+"losses" (per step, the objective it minimized; Vaccine's at the perturbed activations),
+"device", "peak_memory_bytes" (`torch.cuda.max_memory_allocated()` on cuda, null on cpu), ...}.
 For parity checks: --init_adapter DIR starts from a saved PEFT adapter (e.g. hfjax's
 `save_peft`), --save_adapter DIR writes the trained one, --seed seeds torch (LoRA init, noise).
 """
@@ -59,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -84,16 +90,25 @@ def load_model(path: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
+def random_model(config_json: Path, dtype: torch.dtype, device: torch.device):
+    """The causal LM of an HF config.json with random weights (transformers' init), built on
+    `device` directly."""
+    d = json.loads(config_json.read_text())
+    with device:
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**d), dtype=dtype)
+
+
 def batch_seeds(method: str) -> dict[str, int]:
     """{batch name: numpy seed}: ("user", *BATCHES[method]) by position, the last one winning."""
     return {n: i for i, n in enumerate(("user", *BATCHES[method]))}
 
 
-def make_batches(method: str, vocab: int, batch: int, seq: int) -> dict[str, dict]:
+def make_batches(method: str, vocab: int, batch: int, seq: int,
+                 device: torch.device | str = "cpu") -> dict[str, dict]:
     out = {}
     for name, seed in batch_seeds(method).items():
         ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
-        ids = torch.from_numpy(ids)
+        ids = torch.from_numpy(ids).to(device)
         out[name] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     return out
 
@@ -186,7 +201,8 @@ def step_random_vaccine(model, opt, batches, args, state) -> float:
     align = batches["align"]
     b, t = align["input_ids"].shape
     d = model.config.hidden_size
-    eps = [math.sqrt(args.rho) * torch.randn(b, t, d) for _ in decoder_layers(model)]
+    dev = align["input_ids"].device
+    eps = [math.sqrt(args.rho) * torch.randn(b, t, d, device=dev) for _ in decoder_layers(model)]
     with AttentionHooks(model).perturb(eps):
         loss = ce(model, align)
         loss.backward()
@@ -310,7 +326,11 @@ STEPS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="HF folder or .gguf file")
+    src.add_argument("--config_json", type=Path,
+                     help="HF config.json: random weights (AutoModelForCausalLM.from_config)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N]")
     p.add_argument("--method", choices=sorted(STEPS), default="lora_sft")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -350,7 +370,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args):
     """(PEFT model in train mode, AdamW over its LoRA parameters)."""
-    model = load_model(args.model, _DTYPES[args.dtype])
+    device = torch.device(args.device)
+    if args.config_json is not None:
+        model = random_model(args.config_json, _DTYPES[args.dtype], device)
+    else:
+        model = load_model(args.model, _DTYPES[args.dtype]).to(device)
     model.config.use_cache = False
     if args.init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(args.init_adapter), is_trainable=True)
@@ -367,17 +391,25 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, opt = build(args)
-    batches = make_batches(args.method, model.config.vocab_size, args.batch, args.seq)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batches = make_batches(args.method, model.config.vocab_size, args.batch, args.seq, device)
     step_fn, state = STEPS[args.method], {}
 
     def run_one() -> float:
         return step_fn(model, opt, batches, args, state)
 
+    def sync() -> None:
+        if cuda:  # the clock is read only when the GPU's queued work is done
+            torch.cuda.synchronize(device)
+
     losses = [run_one() for _ in range(args.warmup)]
     times = []
     for _ in range(args.steps):
+        sync()
         t0 = time.perf_counter()
         losses.append(run_one())
+        sync()
         times.append(time.perf_counter() - t0)
     if args.save_adapter is not None:
         model.save_pretrained(str(args.save_adapter))
@@ -388,6 +420,9 @@ def main(argv=None) -> None:
         "losses": losses, "batch_seeds": batch_seeds(args.method), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
     }))
 
 
