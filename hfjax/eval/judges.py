@@ -188,7 +188,7 @@ def load_beaver_dam(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelCo
     table = hf_io.weight_mappings(cfg)
     params: dict = {}
     for m in table:
-        shape = tuple(hf_io._get(shapes, m.path).shape)
+        shape = tuple(hf_io.tree_get(shapes, m.path).shape)
         for name in m.hf_names(cfg.num_layers):
             if name not in ckpt:
                 raise MissingWeightError(f"{ckpt.source} is missing backbone weight {name!r}")
@@ -196,7 +196,7 @@ def load_beaver_dam(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelCo
             if tuple(ckpt.shape(name)) != tuple(want):
                 raise WeightShapeError(f"weight {name!r} in {ckpt.source} has shape "
                                        f"{list(ckpt.shape(name))}, expected {list(want)}")
-        hf_io._set(params, m.path, jnp.asarray(hf_io.read_param(ckpt, m, shape, dtype)))
+        hf_io.tree_set(params, m.path, jnp.asarray(hf_io.read_param(ckpt, m, shape, dtype)))
     if "score.weight" not in ckpt:
         raise MissingWeightError(f"{ckpt.source} has no classification head 'score.weight'")
     head = np.asarray(ckpt.read("score.weight"))

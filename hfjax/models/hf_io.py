@@ -124,13 +124,15 @@ def weight_mappings(cfg: ModelConfig) -> list[WeightMapping]:
     return table
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
+def tree_get(tree: Mapping, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]... (a params leaf by its `WeightMapping.path`)."""
     for k in path:
         tree = tree[k]
     return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
+    """Set tree[path[0]]...[path[-1]] = value, creating the inner dicts."""
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
@@ -167,7 +169,7 @@ def _check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, table, shapes) -> None
     """Every needed tensor exists with the right shape; no learned tensor is left over."""
     missing, expected = [], set()
     for m in table:
-        want = m.hf_shape(_get(shapes, m.path).shape)
+        want = m.hf_shape(tree_get(shapes, m.path).shape)
         for name in m.hf_names(cfg.num_layers):
             expected.add(name)
             if name not in ckpt:
@@ -264,12 +266,12 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh 
         )
     params: dict = {}
     for m in table:
-        shape = tuple(_get(shapes, m.path).shape)
+        shape = tuple(tree_get(shapes, m.path).shape)
         if shardings is None:
             value = jnp.asarray(read_param(ckpt, m, shape, dtype))
         else:
-            value = _sharded_param(ckpt, m, shape, dtype, _get(shardings, m.path))
-        _set(params, m.path, value)
+            value = _sharded_param(ckpt, m, shape, dtype, tree_get(shardings, m.path))
+        tree_set(params, m.path, value)
     if jax.tree.structure(params) != jax.tree.structure(shapes):
         raise AssertionError("weight_mappings does not cover the params layout")  # a bug, not input
     return cfg, params
@@ -300,7 +302,7 @@ def _check_params(cfg: ModelConfig, params: Mapping) -> None:
             f"{jax.tree.structure(shapes)}, got {jax.tree.structure(params)}"
         )
     for m in weight_mappings(cfg):
-        got, want = tuple(np.shape(_get(params, m.path))), tuple(_get(shapes, m.path).shape)
+        got, want = tuple(np.shape(tree_get(params, m.path))), tuple(tree_get(shapes, m.path).shape)
         if got != want:
             raise WeightShapeError(
                 f"param {'/'.join(m.path)} has shape {list(got)}, config implies {list(want)}"
@@ -322,7 +324,7 @@ def _export_plan(cfg: ModelConfig, params: Mapping, dtype):
         (per_layer if m.stacked else (tail if m.path != ("embed_tokens",) else head)).append(m)
 
     def entry(m: WeightMapping, i: int | None):
-        leaf = _get(params, m.path)
+        leaf = tree_get(params, m.path)
         out_dtype = jnp.dtype(dtype if dtype is not None else leaf.dtype)
         _dtype_name(out_dtype)
         shape = m.hf_shape(tuple(np.shape(leaf)))
