@@ -32,7 +32,9 @@ the hfjax registry's default hyper-parameters as flag defaults:
                   (hooks: mlp_out_l on `mlp`, s_l on the embeddings and decoder layers, s_L's
                   lens = the model's logits; the MMD is the authors' MMD_loss);
                   --alpha_repnoise 1 --beta 0.001 --kernel_mul 2 --kernel_num 5
-                  --remat_lens (each lens CE under torch.utils.checkpoint, as hfjax) 2F+1B
+                  [--remat_lens: each lens CE under torch.utils.checkpoint, a third head
+                  matmul per state; off by default, as in the authors' code, which, like
+                  hfjax's fused lens CE, costs 2 head matmuls per state]           2F+1B
   lisa            phase clock t: alignment state iff t mod (K_a + K_f) < K_a ("align",
                   else "user"); on a switch the anchor of the state left ← θ; loss
                   + (ρ/2)‖θ − anchor of the other state‖² (from step --proximal_after);
@@ -355,8 +357,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=1e-3, help="RepNoise β")
     p.add_argument("--kernel_mul", type=float, default=2.0, help="RepNoise MMD kernel_mul")
     p.add_argument("--kernel_num", type=int, default=5, help="RepNoise MMD kernel_num")
-    p.add_argument("--remat_lens", action=argparse.BooleanOptionalAction, default=True,
-                   help="RepNoise: recompute each logit-lens head in the backward")
+    p.add_argument("--remat_lens", action=argparse.BooleanOptionalAction, default=False,
+                   help="RepNoise: recompute each logit-lens head in the backward (less memory, "
+                        "one more head matmul per state)")
     p.add_argument("--align_steps", type=int, default=100, help="Lisa K_a")
     p.add_argument("--finetune_steps", type=int, default=900, help="Lisa K_f")
     p.add_argument("--proximal_after", type=int, default=0, help="Lisa: proximal term from here")

@@ -14,13 +14,21 @@ from hfjax import defenses, sharding
 from hfjax.defenses.api import Cost
 from hfjax.models import lora as lora_lib
 from hfjax.models import params as params_lib
-from hfjax.models.config import from_hf_dict
+from hfjax.models.config import ModelConfig, from_hf_dict
 from hfjax.train import optim, state, step
 from hfjax.train.loss import make_loss_fn
 
 CFG = from_hf_dict(dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
 BASE = params_lib.init_random(CFG, jax.random.key(0))
+# Gemma 2's features in the same size: tied embeddings, both softcaps, a sliding window,
+# sandwich norms, (1 + w) norm weights, scaled embeddings, GELU
+GEMMA_LIKE = ModelConfig(
+    model_type="gemma2", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, layer_windows=(8, 0), tie_word_embeddings=True,
+    mlp_activation="gelu_tanh", norm_weight_offset=1.0, scale_embeddings=True,
+    sandwich_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+)
 _init = lora_lib.init(CFG, jax.random.key(1), rank=4, alpha=8,
                       targets=("q_proj", "v_proj", "o_proj", "down_proj"))
 # PEFT initializes B to zero; random B makes every gradient (and every check) non-trivial.

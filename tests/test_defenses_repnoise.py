@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from defense_fixtures import FAST, count_passes
+from defense_fixtures import FAST, GEMMA_LIKE, count_passes
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hfjax import sharding
@@ -22,6 +22,7 @@ from hfjax.models import params as params_lib
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
 from hfjax.train import state as state_lib
+from hfjax.train.loss import token_cross_entropy
 
 # the modules themselves: the packages re-export functions of the same names
 rn = importlib.import_module("hfjax.defenses.alignment.repnoise")
@@ -29,12 +30,6 @@ rn = importlib.import_module("hfjax.defenses.alignment.repnoise")
 CFG = ModelConfig(
     model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
     num_heads=4, num_kv_heads=2, head_dim=16, layer_windows=(0, 0), rms_norm_eps=1e-6,
-)
-GEMMA_LIKE = ModelConfig(
-    model_type="gemma2", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16, layer_windows=(8, 0), tie_word_embeddings=True,
-    mlp_activation="gelu_tanh", norm_weight_offset=1.0, scale_embeddings=True,
-    sandwich_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
 )
 BASE = params_lib.init_random(CFG, jax.random.key(0), std=0.1)
 
@@ -238,7 +233,7 @@ def test_repnoise_transform_adds_the_gradient_of_the_harmful_terms(vg):
     no_align = {**BATCHES, "align": {**BATCHES["align"],
                                      "labels": np.full_like(BATCHES["align"]["labels"], -100)}}
     (_, _), want = vg(LORA, BASE, no_align, rng, 0.5, 0.01)
-    tx = api.get("repnoise").build(alpha=0.5, beta=0.01, remat_lens=False)  # vs remat in want
+    tx = api.get("repnoise").build(alpha=0.5, beta=0.01)
     update = lambda g, s, t, b, k, f: tx.update(  # noqa: E731
         g, s, t, batches=b, rng=k, cfg=CFG, frozen=f)
     args = (jax.tree.map(jnp.ones_like, LORA), tx.init(LORA), LORA, BATCHES, rng, BASE)
@@ -255,7 +250,7 @@ def test_repnoise_chains_with_adamw_in_a_plain_user_loop(vg):
 
     @functools.partial(jax.jit, compiler_options=FAST)
     def step(lora, state, frozen, batches, rng):
-        ce = lambda t: rn.token_cross_entropy(  # noqa: E731
+        ce = lambda t: token_cross_entropy(  # noqa: E731
             forward(CFG, frozen, align["input_ids"], align["attention_mask"], lora=t),
             align["labels"])[0]
         u, state = opt.update(jax.grad(ce)(lora), state, lora, batches=batches, rng=rng,

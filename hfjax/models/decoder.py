@@ -212,6 +212,11 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, h, xs):
     return h, ({name: everything[name] for name in capture}, None if kv is None else (k, v))
 
 
+def head_weights(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The output projection W_out [D, V]: the tied embeddings' transpose, or `lm_head`."""
+    return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Token positions that skip left padding: cumsum(mask) − 1, clipped at 0."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -227,6 +232,7 @@ def forward(
     perturb: jax.Array | None = None,
     capture: Sequence[str] = (),
     kv_cache: KVCache | None = None,
+    apply_head: bool = True,
 ):
     """Logits [B, T, V] (float32) of a batch of token ids [B, T].
 
@@ -237,7 +243,11 @@ def forward(
     kv_cache: continue from a cache (prefill or decode step): the T tokens are written at slots
       [index, index + T) and attend to every filled slot; returns (logits, updated cache).
       attention_mask then marks which of the T new tokens are real (left padding in prefill).
+    apply_head: False returns the final-normed hidden states [B, T, D] (cfg.dtype) instead of
+      the logits, for a loss that applies `head_weights` itself (`train.loss.head_cross_entropy`).
     """
+    if kv_cache is not None and not apply_head:
+        raise ValueError("apply_head=False is not supported together with kv_cache")
     unknown = set(capture) - set(CAPTURE_NAMES)
     if unknown:
         raise ValueError(f"unknown capture names {sorted(unknown)}; choose from {CAPTURE_NAMES}")
@@ -282,8 +292,10 @@ def forward(
                                          unroll=min(cfg.scan_unroll, cfg.num_layers))
 
     h = rms_norm(h, params["final_norm"], cfg)
-    head = params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = _softcap((h @ head.astype(dtype)).astype(jnp.float32), cfg.final_logit_softcap)
+    if not apply_head:
+        return (h, captured) if capture else h
+    logits = _softcap((h @ head_weights(cfg, params).astype(dtype)).astype(jnp.float32),
+                      cfg.final_logit_softcap)
     if kv_cache is not None:
         seen = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
         return logits, KVCache(k=new_kv[0], v=new_kv[1], valid=k_valid, index=kv_cache.index + t,

@@ -8,13 +8,16 @@ logits at position t predict labels[t + 1].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig
+from hfjax.models.decoder import head_weights
 
 IGNORE_INDEX = -100
 
@@ -45,15 +48,19 @@ def _token_nll_jvp(primals, tangents):
     return nll, jnp.sum(grad * dlogits, axis=-1)
 
 
+def _next_token_targets(labels: jax.Array) -> jax.Array:
+    """targets_t = labels_{t+1}, the last position IGNORE_INDEX ([B, T] → [B, T])."""
+    pad = jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
+    return jnp.concatenate([labels[:, 1:], pad], axis=1)
+
+
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
     """Mean CE over response tokens, with aux {tokens, accuracy, loss_sum}.
 
     The shift is applied to the labels (targets_t = labels_{t+1}, the last position ignored), not
     to the logits, so the [B, T, V] logits are never sliced into a copy.
     """
-    b = labels.shape[0]
-    targets = jnp.concatenate(
-        [labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    targets = _next_token_targets(labels)
     mask = targets != IGNORE_INDEX
     safe = jnp.where(mask, targets, 0)
     logits = logits.astype(jnp.float32)
@@ -70,6 +77,125 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return loss_sum / denom, {"tokens": tokens, "accuracy": correct / denom, "loss_sum": loss_sum}
 
 
+LOGITS_CHUNK_ELEMENTS = 1 << 26
+"""Most logits `head_cross_entropy` holds at once (64 Mi float32 = 256 MiB): longer batches
+go through the head a chunk of tokens at a time."""
+
+
+def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                       softcap: float | None = None, chunk_tokens: int | None = None
+                       ) -> tuple[jax.Array, dict]:
+    """`token_cross_entropy(softcap(hidden @ head), labels)` without materializing the logits.
+
+    hidden: final-normed states [B, T, D] (`forward(..., apply_head=False)`); head: W_out [D, V]
+    (`decoder.head_weights`). Same value and aux as `token_cross_entropy` of the logits
+    `forward` would return. Under differentiation the logits' gradient is used where it is
+    made: per chunk of tokens, z = softcap((h @ W) in float32) and
+
+        ∂L_sum/∂h = G Wᵀ,  ∂L_sum/∂W = hᵀ G,  G = m ⊙ (softmax(z) − onehot(y)) ⊙ ∂z/∂(h W),
+
+    so the backward pass keeps ∂h [B·T, D] (and ∂W when W is differentiated, in full
+    fine-tuning), not the [B·T, V] logits and their softmax, and it runs no head matmul of its
+    own: with a frozen head, 2 matmuls in all (logits, ∂h), as plain autodiff but without its
+    [B·T, V] residual, where `jax.checkpoint` around the head (to drop that residual) costs 3.
+    chunk_tokens: at most this many tokens per chunk (default: as many as keep a chunk's
+    logits under LOGITS_CHUNK_ELEMENTS); the chunks are of equal size, the last one padded.
+    """
+    b, t, d = hidden.shape
+    if labels.shape != (b, t):
+        raise ValueError(f"labels shape {labels.shape} != hidden states' [B, T] {(b, t)}")
+    if head.ndim != 2 or head.shape[0] != d:
+        raise ValueError(f"head must be [D={d}, V], got shape {head.shape}")
+    targets = _next_token_targets(labels).reshape(-1)
+    mask = targets != IGNORE_INDEX
+    n, vocab = b * t, head.shape[1]
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    n_chunks = -(-n // (chunk_tokens or max(1, LOGITS_CHUNK_ELEMENTS // vocab)))
+    chunk = -(-n // n_chunks)
+    pad = -n % chunk
+    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
+    safe = jnp.pad(jnp.where(mask, targets, 0), (0, pad))
+    loss_sum, correct = _fused_head_nll(softcap or None, chunk, h, head, safe,
+                                        jnp.pad(mask, (0, pad)))
+    tokens = mask.sum()
+    denom = jnp.maximum(tokens, 1)
+    return loss_sum / denom, {"tokens": tokens, "accuracy": correct / denom,
+                              "loss_sum": loss_sum}
+
+
+def _head_chunk(softcap, h, head, targets, mask, grad_h: bool, grad_w: bool):
+    """One chunk of `_fused_head_nll`: (Σ m·nll, #correct, ∂h or None, ∂W or None)."""
+    w = head.astype(h.dtype)
+    z = jnp.dot(h, w).astype(jnp.float32)
+    if softcap:
+        z = softcap * jnp.tanh(z / softcap)
+    top = jnp.max(z, axis=-1, keepdims=True)
+    exp = jnp.exp(z - top)
+    sumexp = jnp.sum(exp, axis=-1, keepdims=True)
+    z_y = jnp.take_along_axis(z, targets[:, None], axis=-1)
+    nll = (jnp.log(sumexp) - (z_y - top))[:, 0]
+    loss = jnp.sum(jnp.where(mask, nll, 0.0))
+    correct = jnp.sum(mask & (z_y[:, 0] >= top[:, 0]), dtype=jnp.int32)
+    if not (grad_h or grad_w):
+        return loss, correct, None, None
+    onehot = jnp.arange(z.shape[-1], dtype=targets.dtype) == targets[:, None]
+    g = jnp.where(mask[:, None], exp / sumexp - onehot, 0.0)
+    if softcap:
+        g = g * (1.0 - jnp.square(z / softcap))
+    g = g.astype(h.dtype)
+    dh = jnp.dot(g, w.T) if grad_h else None
+    dw = jnp.dot(h.T, g, preferred_element_type=jnp.float32) if grad_w else None
+    return loss, correct, dh, dw
+
+
+def _head_chunks(softcap, chunk, h, head, targets, mask, grad_h=False, grad_w=False):
+    """`_head_chunk` over the token chunks (`lax.scan` when there are several): sums of the
+    loss, #correct and ∂W (float32), ∂h concatenated."""
+    n_chunks = h.shape[0] // chunk
+    if n_chunks == 1:
+        return _head_chunk(softcap, h, head, targets, mask, grad_h, grad_w)
+
+    def body(carry, xs):
+        loss, correct, dw = carry
+        h_c, targets_c, mask_c = xs
+        l_c, c_c, dh_c, dw_c = _head_chunk(softcap, h_c, head, targets_c, mask_c, grad_h, grad_w)
+        return (loss + l_c, correct + c_c, None if dw is None else dw + dw_c), dh_c
+
+    split = lambda a: a.reshape(n_chunks, chunk, *a.shape[1:])  # noqa: E731
+    dw0 = jnp.zeros(head.shape, jnp.float32) if grad_w else None
+    (loss, correct, dw), dh = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), dw0),
+        (split(h), split(targets), split(mask)))
+    return loss, correct, None if dh is None else dh.reshape(h.shape), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_head_nll(softcap, chunk, h, head, targets, mask):
+    """(Σ_t m_t·nll_t, #correct) of the logits softcap(h @ head); see `head_cross_entropy`."""
+    return _head_chunks(softcap, chunk, h, head, targets, mask)[:2]
+
+
+def _fused_head_nll_fwd(softcap, chunk, h, head, targets, mask):
+    grad_h, grad_w = h.perturbed, head.perturbed
+    loss, correct, dh, dw = _head_chunks(softcap, chunk, h.value, head.value, targets.value,
+                                         mask.value, grad_h, grad_w)
+    return (loss, correct), (dh, None if dw is None else dw.astype(head.value.dtype))
+
+
+def _fused_head_nll_bwd(softcap, chunk, residuals, cotangents):
+    del softcap, chunk
+    dh, dw = residuals
+    ct = cotangents[0]
+    if isinstance(ct, SymbolicZero):
+        return (None, None, None, None)
+    scale = lambda a: None if a is None else (a * ct.astype(a.dtype))  # noqa: E731
+    return (scale(dh), scale(dw), None, None)
+
+
+_fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
+
+
 def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool = False) -> Callable:
     """`loss_fn(trainable, batch, **forward_kw) -> (loss, aux)` closing over the frozen base.
 
@@ -80,13 +206,12 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
     """
 
     def loss_fn(trainable, batch: dict, **forward_kw):
-        if full_finetune:
-            out = forward(cfg, trainable, batch["input_ids"], batch["attention_mask"], **forward_kw)
-        else:
-            out = forward(cfg, frozen, batch["input_ids"], batch["attention_mask"],
-                          lora=trainable, **forward_kw)
-        logits, captured = out if forward_kw.get("capture") else (out, None)
-        loss, aux = token_cross_entropy(logits, batch["labels"])
+        params, lora = (trainable, None) if full_finetune else (frozen, trainable)
+        out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                      apply_head=False, **forward_kw)
+        hidden, captured = out if forward_kw.get("capture") else (out, None)
+        loss, aux = head_cross_entropy(hidden, head_weights(cfg, params), batch["labels"],
+                                       softcap=cfg.final_logit_softcap)
         if captured is not None:
             aux["captured"] = captured
         return loss, aux

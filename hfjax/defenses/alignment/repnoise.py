@@ -47,9 +47,9 @@ import optax
 from hfjax.defenses.api import ALIGN, HARMFUL, Cost, DefenseError, StepOptions, register
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig
-from hfjax.models.decoder import rms_norm
+from hfjax.models.decoder import head_weights, rms_norm
 from hfjax.models.lora import LoRA
-from hfjax.train.loss import IGNORE_INDEX, token_cross_entropy
+from hfjax.train.loss import IGNORE_INDEX, head_cross_entropy
 
 PAPER = ("Rosati et al. 2024, Representation Noising: A Defence Mechanism Against Harmful "
          "Finetuning, arXiv:2405.14577")
@@ -80,8 +80,7 @@ def mmd(x: jax.Array, y: jax.Array, kernel_mul: float = 2.0, kernel_num: int = 5
 def lens_logits(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
     """The logit lens of a residual state h [B, T, D]: softcap(Norm_final(h) @ W_out), float32."""
     h = rms_norm(h, params["final_norm"], cfg)
-    head = params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = (h @ head.astype(h.dtype)).astype(jnp.float32)
+    logits = (h @ head_weights(cfg, params).astype(h.dtype)).astype(jnp.float32)
     cap = cfg.final_logit_softcap
     return cap * jnp.tanh(logits / cap) if cap else logits
 
@@ -97,22 +96,22 @@ def _model_inputs(trainable, frozen):
 
 def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch: dict,
                         key: jax.Array, *, alpha: float = 1.0, beta: float = 1e-3,
-                        kernel_mul: float = 2.0, kernel_num: int = 5, remat_lens: bool = True
+                        kernel_mul: float = 2.0, kernel_num: int = 5
                         ) -> tuple[jax.Array, dict]:
     """β · R_mmd − α · log(1 + R_lens) on the harmful batch: one forward pass.
 
     The noise is ε = jax.random.normal(key, mlp_out.shape, float32) (all layers at once).
-    The L + 1 lens logits [B, T, V] are made one state at a time (`lax.map`; s_L's is the model's
-    own head, whose output in `forward` then goes unused); with `remat_lens` the backward
-    recomputes them instead of keeping L + 1 of them, at one more head matmul per state (the
-    lens costs (L + 1) head matmuls of 2·B·T·D·V FLOPs each way: for small models with large
-    vocabularies, e.g. SmolLM2's 49k, it dominates the step).
+    The L + 1 lens CEs go one state at a time (`lax.map`) through `head_cross_entropy`, which
+    never keeps a state's [B, T, V] logits: differentiated, each state costs 2 head matmuls of
+    2·B·T·D·V FLOPs (the logits and ∂s), where keeping L + 1 logits tensors would cost the
+    memory and recomputing them under `jax.checkpoint` a third matmul. For small models with
+    large vocabularies (SmolLM2: D 576, V 49152) the lens dominates the step.
     Returns (value, aux) with aux {mmd, lens_ce, ce_harmful (the final-logit CE)}.
     """
     params, lora = _model_inputs(trainable, frozen)
     ids, labels = batch["input_ids"], batch["labels"]
     _, cap = forward(cfg, params, ids, batch["attention_mask"], lora=lora,
-                     capture=("mlp_out", "residual"))
+                     capture=("mlp_out", "residual"), apply_head=False)
     m = (labels != IGNORE_INDEX).astype(jnp.float32)[None, :, :, None]  # [1, B, T, 1]
     hidden = cap["mlp_out"].astype(jnp.float32) * m                     # [L, B, T, D]
     noise = jax.random.normal(key, hidden.shape, jnp.float32) * m
@@ -125,10 +124,11 @@ def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch:
     if cfg.scale_embeddings:
         embed = embed * jnp.asarray(cfg.hidden_size**0.5, embed.dtype)
     states = jnp.concatenate([embed[None], cap["residual"]])            # s_0 .. s_L
-    state_ce = lambda h: token_cross_entropy(lens_logits(cfg, params, h), labels)[0]
-    if remat_lens:
-        state_ce = jax.checkpoint(state_ce)
-    ces = jax.lax.map(state_ce, states)  # the last is the model's CE (its logits are unused)
+    head = head_weights(cfg, params)
+    state_ce = lambda h: head_cross_entropy(  # noqa: E731
+        rms_norm(h, params["final_norm"], cfg), head, labels,
+        softcap=cfg.final_logit_softcap)[0]
+    ces = jax.lax.map(state_ce, states)  # the last is the model's CE
     lens_ce = jnp.mean(ces)
 
     value = beta * mmd_mean - alpha * jnp.log1p(lens_ce)
@@ -137,8 +137,7 @@ def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch:
 
 def repnoise_loss(cfg: ModelConfig, frozen: dict | None, alpha: float = 1.0, beta: float = 1e-3,
                   key: jax.Array | None = None, *, harmful: str = HARMFUL, safe: str = ALIGN,
-                  kernel_mul: float = 2.0, kernel_num: int = 5, remat_lens: bool = True
-                  ) -> Callable:
+                  kernel_mul: float = 2.0, kernel_num: int = 5) -> Callable:
     """The RepNoise objective `loss_fn(trainable, batches, rng=None) -> (loss, aux)`.
 
     L = CE(batches[safe]) + β · R_mmd − α · log(1 + R_lens) (module docstring); 2F+1B under
@@ -157,12 +156,13 @@ def repnoise_loss(cfg: ModelConfig, frozen: dict | None, alpha: float = 1.0, bet
                 raise KeyError(f"RepNoise needs a {name!r} batch; got batches {sorted(batches)}")
         params, lora = _model_inputs(trainable, frozen)
         safe_batch = batches[safe]
-        logits = forward(cfg, params, safe_batch["input_ids"], safe_batch["attention_mask"],
-                         lora=lora)
-        ce_safe, aux = token_cross_entropy(logits, safe_batch["labels"])
+        hidden = forward(cfg, params, safe_batch["input_ids"], safe_batch["attention_mask"],
+                         lora=lora, apply_head=False)
+        ce_safe, aux = head_cross_entropy(hidden, head_weights(cfg, params), safe_batch["labels"],
+                                          softcap=cfg.final_logit_softcap)
         reg, reg_aux = harmful_regularizer(cfg, frozen, trainable, batches[harmful], noise_key,
                                            alpha=alpha, beta=beta, kernel_mul=kernel_mul,
-                                           kernel_num=kernel_num, remat_lens=remat_lens)
+                                           kernel_num=kernel_num)
         return ce_safe + reg, {**aux, **reg_aux, "ce_safe": ce_safe}
 
     return loss_fn
@@ -176,7 +176,7 @@ def _options(**hparams) -> StepOptions:
 @register("repnoise", stage="alignment", level="gradient", cost=Cost(2, 2),
           batches=(ALIGN, HARMFUL), paper=PAPER, options=_options)
 def repnoise(alpha: float = 1.0, beta: float = 1e-3, harmful: str = HARMFUL,
-             kernel_mul: float = 2.0, kernel_num: int = 5, remat_lens: bool = True
+             kernel_mul: float = 2.0, kernel_num: int = 5
              ) -> optax.GradientTransformationExtraArgs:
     """RepNoise as a gradient transformation: g ← g + ∇θ[β R_mmd − α log(1 + R_lens)](θ).
 
@@ -204,7 +204,7 @@ def repnoise(alpha: float = 1.0, beta: float = 1e-3, harmful: str = HARMFUL,
             raise KeyError(f"RepNoise needs a {harmful!r} batch; got batches {sorted(batches)}")
         reg = lambda theta: harmful_regularizer(
             cfg, frozen, theta, batches[harmful], rng, alpha=alpha, beta=beta,
-            kernel_mul=kernel_mul, kernel_num=kernel_num, remat_lens=remat_lens)[0]
+            kernel_mul=kernel_mul, kernel_num=kernel_num)[0]
         g_reg = jax.grad(reg)(params)
         return jax.tree.map(jnp.add, updates, g_reg), state
 

@@ -1,0 +1,191 @@
+"""The fused head cross-entropy (`train.loss.head_cross_entropy`) against autodiff through the
+logits: values, gradients, what the backward keeps, which matmuls it runs, and the model's loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from defense_fixtures import CFG, GEMMA_LIKE
+
+from hfjax.models import lora as lora_lib
+from hfjax.models import params as params_lib
+from hfjax.models.decoder import KVCache, forward, head_weights
+from hfjax.train import loss as loss_lib
+from hfjax.train.loss import head_cross_entropy, make_loss_fn, token_cross_entropy
+
+B, T, D, V = 2, 7, 16, 50
+# a final softcap of 3 bends logits of this size (30 would leave them almost linear)
+GEMMA_LIKE = GEMMA_LIKE.replace(final_logit_softcap=3.0)
+
+
+def _inputs(dtype=jnp.float32):
+    """Hidden states, a head, and labels with masked prompt/padding tokens, where some
+    response tokens are the logits' argmax (so the accuracy is neither 0 nor 1)."""
+    r = np.random.default_rng(0)
+    h = r.standard_normal((B, T, D)).astype(np.float32)
+    w = (0.5 * r.standard_normal((D, V))).astype(np.float32)
+    labels = r.integers(0, V, (B, T))
+    top = np.argmax(h @ w, axis=-1)
+    labels[:, 1:4] = top[:, :3]  # position t predicts labels[t + 1]
+    labels[0, :2] = -100
+    labels[1, 5:] = -100
+    return jnp.asarray(h, dtype), jnp.asarray(w, dtype), jnp.asarray(labels, jnp.int32)
+
+
+def _via_logits(h, w, labels, softcap):
+    z = (h @ w).astype(jnp.float32)
+    if softcap:
+        z = softcap * jnp.tanh(z / softcap)
+    return token_cross_entropy(z, labels)
+
+
+CASES = [(None, None), (None, 3), (None, 5), (3.0, None), (3.0, 4)]
+
+
+@pytest.mark.parametrize("softcap,chunk", CASES)
+def test_head_cross_entropy_equals_the_token_cross_entropy_of_the_logits(softcap, chunk):
+    h, w, labels = _inputs()
+    got_loss, got = jax.jit(lambda h, w: head_cross_entropy(
+        h, w, labels, softcap=softcap, chunk_tokens=chunk))(h, w)
+    want_loss, want = _via_logits(h, w, labels, softcap)
+    assert 0.0 < float(want["accuracy"]) < 1.0
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=1e-6)
+    assert int(got["tokens"]) == int(want["tokens"]) == 9
+    assert float(got["accuracy"]) == float(want["accuracy"])
+
+
+@pytest.mark.parametrize("softcap,chunk", CASES)
+def test_head_cross_entropy_gradients_equal_autodiff_through_the_logits(softcap, chunk):
+    h, w, labels = _inputs()
+    fused = lambda h, w: head_cross_entropy(h, w, labels, softcap=softcap, chunk_tokens=chunk)[0]  # noqa: E731
+    plain = lambda h, w: _via_logits(h, w, labels, softcap)[0]  # noqa: E731
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(h, w)
+    want = jax.grad(plain, argnums=(0, 1))(h, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+    # a cotangent other than 1 scales both gradients
+    got3 = jax.grad(lambda h, w: 3.0 * fused(h, w), argnums=(0, 1))(h, w)
+    for g, r in zip(got3, want, strict=True):
+        np.testing.assert_allclose(g, 3.0 * r, rtol=1e-5, atol=1e-7)
+
+
+def _residual_sizes(fn, *args):
+    _, vjp_fn = jax.vjp(fn, *args)
+    return [x.size for x in jax.tree.leaves(vjp_fn) if hasattr(x, "size")]
+
+
+def test_differentiated_head_loss_keeps_no_logits_sized_residual():
+    h, w, labels = _inputs()
+    fused = _residual_sizes(lambda h: head_cross_entropy(h, w, labels)[0], h)
+    plain = _residual_sizes(lambda h: _via_logits(h, w, labels, None)[0], h)
+    assert max(plain) >= B * T * V  # autodiff through the logits keeps a [B·T, V] tensor
+    assert max(fused) <= B * T * D  # the fused loss keeps ∂h only
+
+
+def _dots(jaxpr) -> list[tuple]:
+    """Output shapes of every dot_general in a jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(eqn.outvars[0].aval.shape))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _dots(inner)
+    return out
+
+
+def test_a_frozen_head_costs_two_matmuls_and_a_trained_head_three():
+    h, w, labels = _inputs()
+    loss = lambda h, w: head_cross_entropy(h, w, labels)[0]  # noqa: E731
+    frozen = _dots(jax.make_jaxpr(jax.grad(loss))(h, w).jaxpr)
+    trained = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w).jaxpr)
+    assert sorted(frozen) == sorted([(B * T, V), (B * T, D)])
+    assert sorted(trained) == sorted([(B * T, V), (B * T, D), (D, V)])
+
+
+def test_bfloat16_head_loss_is_close_to_the_float32_one():
+    h, w, labels = _inputs()
+    got, _ = head_cross_entropy(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), labels)
+    want, _ = _via_logits(h, w, labels, None)
+    g = jax.grad(lambda h: head_cross_entropy(h, w.astype(jnp.bfloat16), labels)[0])(
+        h.astype(jnp.bfloat16))
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
+
+
+def test_bad_shapes_raise_clear_errors():
+    h, w, labels = _inputs()
+    with pytest.raises(ValueError, match="labels shape"):
+        head_cross_entropy(h, w, labels[:, :-1])
+    with pytest.raises(ValueError, match=r"head must be \[D=16, V\]"):
+        head_cross_entropy(h, w.T, labels)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        head_cross_entropy(h, w, labels, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("cfg", [CFG, GEMMA_LIKE], ids=["llama", "gemma2-like"])
+def test_forward_without_head_returns_the_states_whose_head_gives_the_logits(cfg):
+    params = params_lib.init_random(cfg, jax.random.key(0), std=0.1)
+    ids = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
+    logits = forward(cfg, params, ids)
+    hidden = forward(cfg, params, ids, apply_head=False)
+    z = hidden @ head_weights(cfg, params)
+    if cfg.final_logit_softcap:
+        z = cfg.final_logit_softcap * jnp.tanh(z / cfg.final_logit_softcap)
+    np.testing.assert_allclose(z, logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="apply_head=False"):
+        forward(cfg, params, ids, kv_cache=KVCache.create(cfg, 2, 8), apply_head=False)
+
+
+def _batch(cfg):
+    r = np.random.default_rng(1)
+    ids = r.integers(0, cfg.vocab_size, (3, 9)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :4] = -100
+    mask = np.ones_like(ids)
+    mask[2, 7:] = 0
+    labels[2, 7:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _logits_loss_fn(cfg, frozen, full_finetune):
+    """make_loss_fn as it was before the fused head: logits, then token_cross_entropy."""
+    def loss_fn(trainable, batch):
+        params, lora = (trainable, None) if full_finetune else (frozen, trainable)
+        logits = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora)
+        return token_cross_entropy(logits, batch["labels"])
+    return loss_fn
+
+
+@pytest.mark.parametrize("cfg", [CFG, GEMMA_LIKE], ids=["llama", "gemma2-like"])
+@pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full"])
+def test_model_loss_and_gradients_equal_the_logits_path(cfg, full_finetune):
+    params = params_lib.init_random(cfg, jax.random.key(0), std=0.1)
+    lora = lora_lib.init(cfg, jax.random.key(1), rank=4, alpha=8)
+    lora = lora_lib.LoRA(weights=jax.tree.map(lambda a: a + 0.05, lora.weights),
+                         alpha=lora.alpha)
+    trainable = params if full_finetune else lora
+    batch = _batch(cfg)
+    fused = make_loss_fn(cfg, params, full_finetune=full_finetune)
+    plain = _logits_loss_fn(cfg, params, full_finetune)
+    (got, got_aux), got_g = jax.jit(jax.value_and_grad(fused, has_aux=True))(trainable, batch)
+    (want, want_aux), want_g = jax.value_and_grad(plain, has_aux=True)(trainable, batch)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert float(got_aux["accuracy"]) == float(want_aux["accuracy"])
+    for g, r in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_default_chunk_keeps_a_chunks_logits_under_the_limit(monkeypatch):
+    h, w, labels = _inputs()
+    # at most 4 tokens per chunk: 14 tokens go as 4 chunks of 4 (2 padding), not 5 of 3 or 4 + 2
+    monkeypatch.setattr(loss_lib, "LOGITS_CHUNK_ELEMENTS", 4 * V)
+    jaxpr = jax.make_jaxpr(lambda h: head_cross_entropy(h, w, labels)[0])(h).jaxpr
+    assert [s for s in _dots(jaxpr) if s[-1] == V] == [(4, V)]
+    want, _ = _via_logits(h, w, labels, None)
+    np.testing.assert_allclose(head_cross_entropy(h, w, labels)[0], want, rtol=1e-6)
