@@ -189,3 +189,20 @@ def test_default_chunk_keeps_a_chunks_logits_under_the_limit(monkeypatch):
     assert [s for s in _dots(jaxpr) if s[-1] == V] == [(4, V)]
     want, _ = _via_logits(h, w, labels, None)
     np.testing.assert_allclose(head_cross_entropy(h, w, labels)[0], want, rtol=1e-6)
+
+
+def test_unfused_loss_supports_forward_mode_and_equals_the_fused_one():
+    params = params_lib.init_random(CFG, jax.random.key(0), std=0.1)
+    lora = lora_lib.init(CFG, jax.random.key(1), rank=4, alpha=8)
+    lora = lora_lib.LoRA(weights=jax.tree.map(lambda a: a + 0.05, lora.weights),
+                         alpha=lora.alpha)
+    batch = _batch(CFG)
+    fused = lambda t: make_loss_fn(CFG, params)(t, batch)[0]  # noqa: E731
+    plain = lambda t: make_loss_fn(CFG, params, fused_head=False)(t, batch)[0]  # noqa: E731
+    np.testing.assert_allclose(fused(lora), plain(lora), rtol=1e-6)
+    tangent = jax.tree.map(jnp.ones_like, lora)
+    # a Hessian-vector product: forward mode over the gradient
+    hvp = jax.jvp(jax.grad(plain), (lora,), (tangent,))[1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(hvp))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(fused, (lora,), (tangent,))

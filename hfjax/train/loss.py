@@ -196,22 +196,29 @@ def _fused_head_nll_bwd(softcap, chunk, residuals, cotangents):
 _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
 
 
-def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool = False) -> Callable:
+def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool = False,
+                 fused_head: bool = True) -> Callable:
     """`loss_fn(trainable, batch, **forward_kw) -> (loss, aux)` closing over the frozen base.
 
     LoRA mode: trainable is a `LoRA`, the base `frozen` params are fixed.
     Full fine-tuning: trainable is the whole params pytree and `frozen` is unused.
     Extra keyword arguments (`perturb`, `capture`) go to `forward`; captured activations are
     returned in aux["captured"].
+    fused_head: the CE through `head_cross_entropy` (reverse mode only); False computes the
+    logits and `token_cross_entropy` (same value and gradient; forward mode works too, e.g.
+    for Hessian-vector products with `jax.jvp`).
     """
 
     def loss_fn(trainable, batch: dict, **forward_kw):
         params, lora = (trainable, None) if full_finetune else (frozen, trainable)
         out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora,
-                      apply_head=False, **forward_kw)
-        hidden, captured = out if forward_kw.get("capture") else (out, None)
-        loss, aux = head_cross_entropy(hidden, head_weights(cfg, params), batch["labels"],
-                                       softcap=cfg.final_logit_softcap)
+                      apply_head=not fused_head, **forward_kw)
+        out, captured = out if forward_kw.get("capture") else (out, None)
+        if fused_head:
+            loss, aux = head_cross_entropy(out, head_weights(cfg, params), batch["labels"],
+                                           softcap=cfg.final_logit_softcap)
+        else:
+            loss, aux = token_cross_entropy(out, batch["labels"])
         if captured is not None:
             aux["captured"] = captured
         return loss, aux
