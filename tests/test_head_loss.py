@@ -72,6 +72,58 @@ def test_head_cross_entropy_gradients_equal_autodiff_through_the_logits(softcap,
         np.testing.assert_allclose(g, 3.0 * r, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("softcap,chunk", CASES)
+def test_vocab_major_head_gives_the_loss_and_gradients_of_its_transpose(softcap, chunk):
+    h, w, labels = _inputs()
+    def loss(h, w, vocab_major):
+        return head_cross_entropy(h, w, labels, vocab_major=vocab_major, softcap=softcap,
+                                  chunk_tokens=chunk)
+    (got, got_aux), (gh, gw) = jax.jit(jax.value_and_grad(
+        lambda h, w: loss(h, w, True), argnums=(0, 1), has_aux=True))(h, w.T)
+    (want, want_aux), (wh, ww) = jax.value_and_grad(
+        lambda h, w: loss(h, w, False), argnums=(0, 1), has_aux=True)(h, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(got_aux["accuracy"]) == float(want_aux["accuracy"])
+    assert gw.shape == (V, D)
+    np.testing.assert_allclose(gh, wh, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gw, ww.T, rtol=1e-5, atol=1e-7)
+
+
+def _transposed_shapes(jaxpr) -> list[tuple]:
+    """Input shapes of every transpose in a jaxpr, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "transpose":
+            out.append(tuple(eqn.invars[0].aval.shape))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _transposed_shapes(inner)
+    return out
+
+
+@pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full"])
+def test_tied_head_is_contracted_as_stored_without_transposing_the_embeddings(full_finetune):
+    """A transpose in front of the head matmul makes XLA:CPU run bf16 heads as f32 GEMMs on
+    upcast copies (BUILD_NOTES, session 7): the loss, its gradient and the logits contract
+    the [V, D] embeddings on their stored axis."""
+    cfg = GEMMA_LIKE.replace(dtype="bfloat16")
+    params = params_lib.init_random(cfg, jax.random.key(0), std=0.1)
+    lora = lora_lib.init(cfg, jax.random.key(1), rank=4, alpha=8)
+    trainable = params if full_finetune else lora
+    batch = _batch(cfg)
+    grad = jax.grad(lambda t: make_loss_fn(cfg, params, full_finetune=full_finetune)(t, batch)[0])
+    embed_shape = (cfg.vocab_size, cfg.hidden_size)
+    assert embed_shape not in _transposed_shapes(jax.make_jaxpr(grad)(trainable).jaxpr)
+    logits = jax.make_jaxpr(lambda p: forward(cfg, p, batch["input_ids"]))(params).jaxpr
+    assert embed_shape not in _transposed_shapes(logits)
+    # the check can fail: contracting head_weights' [D, V] transpose has one
+    transposed = jax.make_jaxpr(lambda p, h: h @ head_weights(cfg, p))(
+        params, jnp.ones((3, cfg.hidden_size), jnp.bfloat16)).jaxpr
+    assert embed_shape in _transposed_shapes(transposed)
+
+
 def _residual_sizes(fn, *args):
     _, vjp_fn = jax.vjp(fn, *args)
     return [x.size for x in jax.tree.leaves(vjp_fn) if hasattr(x, "size")]
@@ -124,6 +176,8 @@ def test_bad_shapes_raise_clear_errors():
         head_cross_entropy(h, w, labels[:, :-1])
     with pytest.raises(ValueError, match=r"head must be \[D=16, V\]"):
         head_cross_entropy(h, w.T, labels)
+    with pytest.raises(ValueError, match=r"head must be \[V, D=16\] \(vocab_major\)"):
+        head_cross_entropy(h, w, labels, vocab_major=True)
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
         head_cross_entropy(h, w, labels, chunk_tokens=0)
 

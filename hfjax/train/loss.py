@@ -17,7 +17,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig
-from hfjax.models.decoder import head_weights
+from hfjax.models.decoder import head_matmul, stored_head
 
 IGNORE_INDEX = -100
 
@@ -83,14 +83,15 @@ go through the head a chunk of tokens at a time."""
 
 
 def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
-                       softcap: float | None = None, chunk_tokens: int | None = None
-                       ) -> tuple[jax.Array, dict]:
-    """`token_cross_entropy(softcap(hidden @ head), labels)` without materializing the logits.
+                       vocab_major: bool = False, softcap: float | None = None,
+                       chunk_tokens: int | None = None) -> tuple[jax.Array, dict]:
+    """`token_cross_entropy(softcap(hidden @ W), labels)` without materializing the logits.
 
-    hidden: final-normed states [B, T, D] (`forward(..., apply_head=False)`); head: W_out [D, V]
-    (`decoder.head_weights`). Same value and aux as `token_cross_entropy` of the logits
-    `forward` would return. Under differentiation the logits' gradient is used where it is
-    made: per chunk of tokens, z = softcap((h @ W) in float32) and
+    hidden: final-normed states [B, T, D] (`forward(..., apply_head=False)`); head: W [D, V],
+    or its transpose [V, D] with vocab_major=True (tied embeddings as stored: pass
+    `*decoder.stored_head(cfg, params)`). Same value and aux as `token_cross_entropy` of the
+    logits `forward` would return. Under differentiation the logits' gradient is used where it
+    is made: per chunk of tokens, z = softcap(h W accumulated in float32) and
 
         ∂L_sum/∂h = G Wᵀ,  ∂L_sum/∂W = hᵀ G,  G = m ⊙ (softmax(z) − onehot(y)) ⊙ ∂z/∂(h W),
 
@@ -104,11 +105,12 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
     b, t, d = hidden.shape
     if labels.shape != (b, t):
         raise ValueError(f"labels shape {labels.shape} != hidden states' [B, T] {(b, t)}")
-    if head.ndim != 2 or head.shape[0] != d:
-        raise ValueError(f"head must be [D={d}, V], got shape {head.shape}")
+    if head.ndim != 2 or head.shape[1 if vocab_major else 0] != d:
+        want = f"[V, D={d}] (vocab_major)" if vocab_major else f"[D={d}, V]"
+        raise ValueError(f"head must be {want}, got shape {head.shape}")
     targets = _next_token_targets(labels).reshape(-1)
     mask = targets != IGNORE_INDEX
-    n, vocab = b * t, head.shape[1]
+    n, vocab = b * t, head.shape[0 if vocab_major else 1]
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     n_chunks = -(-n // (chunk_tokens or max(1, LOGITS_CHUNK_ELEMENTS // vocab)))
@@ -116,7 +118,7 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
     pad = -n % chunk
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     safe = jnp.pad(jnp.where(mask, targets, 0), (0, pad))
-    loss_sum, correct = _fused_head_nll(softcap or None, chunk, h, head, safe,
+    loss_sum, correct = _fused_head_nll((softcap or None, vocab_major), chunk, h, head, safe,
                                         jnp.pad(mask, (0, pad)))
     tokens = mask.sum()
     denom = jnp.maximum(tokens, 1)
@@ -124,10 +126,12 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
                               "loss_sum": loss_sum}
 
 
-def _head_chunk(softcap, h, head, targets, mask, grad_h: bool, grad_w: bool):
-    """One chunk of `_fused_head_nll`: (Σ m·nll, #correct, ∂h or None, ∂W or None)."""
+def _head_chunk(form, h, head, targets, mask, grad_h: bool, grad_w: bool):
+    """One chunk of `_fused_head_nll`: (Σ m·nll, #correct, ∂h or None, ∂W or None).
+    form: (softcap, vocab_major); ∂W has head's layout."""
+    softcap, vocab_major = form
     w = head.astype(h.dtype)
-    z = jnp.dot(h, w).astype(jnp.float32)
+    z = head_matmul(h, w, vocab_major)
     if softcap:
         z = softcap * jnp.tanh(z / softcap)
     top = jnp.max(z, axis=-1, keepdims=True)
@@ -144,22 +148,33 @@ def _head_chunk(softcap, h, head, targets, mask, grad_h: bool, grad_w: bool):
     if softcap:
         g = g * (1.0 - jnp.square(z / softcap))
     g = g.astype(h.dtype)
-    dh = jnp.dot(g, w.T) if grad_h else None
-    dw = jnp.dot(h.T, g, preferred_element_type=jnp.float32) if grad_w else None
+    # Contractions on the stored axes (no transpose ops: see `decoder.stored_head`).
+    dh = _contract(g, w, 1, 0 if vocab_major else 1) if grad_h else None
+    if not grad_w:
+        dw = None
+    else:
+        a, c = (g, h) if vocab_major else (h, g)
+        dw = _contract(a, c, 0, 0, jnp.float32)
     return loss, correct, dh, dw
 
 
-def _head_chunks(softcap, chunk, h, head, targets, mask, grad_h=False, grad_w=False):
+def _contract(a, b, a_axis: int, b_axis: int, out=None):
+    """The 2-D product summing a's a_axis against b's b_axis (`lax.dot_general`)."""
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())),
+                               preferred_element_type=out)
+
+
+def _head_chunks(form, chunk, h, head, targets, mask, grad_h=False, grad_w=False):
     """`_head_chunk` over the token chunks (`lax.scan` when there are several): sums of the
     loss, #correct and ∂W (float32), ∂h concatenated."""
     n_chunks = h.shape[0] // chunk
     if n_chunks == 1:
-        return _head_chunk(softcap, h, head, targets, mask, grad_h, grad_w)
+        return _head_chunk(form, h, head, targets, mask, grad_h, grad_w)
 
     def body(carry, xs):
         loss, correct, dw = carry
         h_c, targets_c, mask_c = xs
-        l_c, c_c, dh_c, dw_c = _head_chunk(softcap, h_c, head, targets_c, mask_c, grad_h, grad_w)
+        l_c, c_c, dh_c, dw_c = _head_chunk(form, h_c, head, targets_c, mask_c, grad_h, grad_w)
         return (loss + l_c, correct + c_c, None if dw is None else dw + dw_c), dh_c
 
     split = lambda a: a.reshape(n_chunks, chunk, *a.shape[1:])  # noqa: E731
@@ -171,20 +186,21 @@ def _head_chunks(softcap, chunk, h, head, targets, mask, grad_h=False, grad_w=Fa
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_head_nll(softcap, chunk, h, head, targets, mask):
-    """(Σ_t m_t·nll_t, #correct) of the logits softcap(h @ head); see `head_cross_entropy`."""
-    return _head_chunks(softcap, chunk, h, head, targets, mask)[:2]
+def _fused_head_nll(form, chunk, h, head, targets, mask):
+    """(Σ_t m_t·nll_t, #correct) of the logits softcap(h W); form = (softcap, vocab_major);
+    see `head_cross_entropy`."""
+    return _head_chunks(form, chunk, h, head, targets, mask)[:2]
 
 
-def _fused_head_nll_fwd(softcap, chunk, h, head, targets, mask):
+def _fused_head_nll_fwd(form, chunk, h, head, targets, mask):
     grad_h, grad_w = h.perturbed, head.perturbed
-    loss, correct, dh, dw = _head_chunks(softcap, chunk, h.value, head.value, targets.value,
+    loss, correct, dh, dw = _head_chunks(form, chunk, h.value, head.value, targets.value,
                                          mask.value, grad_h, grad_w)
     return (loss, correct), (dh, None if dw is None else dw.astype(head.value.dtype))
 
 
-def _fused_head_nll_bwd(softcap, chunk, residuals, cotangents):
-    del softcap, chunk
+def _fused_head_nll_bwd(form, chunk, residuals, cotangents):
+    del form, chunk
     dh, dw = residuals
     ct = cotangents[0]
     if isinstance(ct, SymbolicZero):
@@ -215,7 +231,8 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
                       apply_head=not fused_head, **forward_kw)
         out, captured = out if forward_kw.get("capture") else (out, None)
         if fused_head:
-            loss, aux = head_cross_entropy(out, head_weights(cfg, params), batch["labels"],
+            w, vocab_major = stored_head(cfg, params)
+            loss, aux = head_cross_entropy(out, w, batch["labels"], vocab_major=vocab_major,
                                            softcap=cfg.final_logit_softcap)
         else:
             loss, aux = token_cross_entropy(out, batch["labels"])

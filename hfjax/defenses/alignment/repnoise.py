@@ -47,7 +47,7 @@ import optax
 from hfjax.defenses.api import ALIGN, HARMFUL, Cost, DefenseError, StepOptions, register
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig
-from hfjax.models.decoder import head_weights, rms_norm
+from hfjax.models.decoder import head_matmul, rms_norm, stored_head
 from hfjax.models.lora import LoRA
 from hfjax.train.loss import IGNORE_INDEX, head_cross_entropy
 
@@ -80,7 +80,7 @@ def mmd(x: jax.Array, y: jax.Array, kernel_mul: float = 2.0, kernel_num: int = 5
 def lens_logits(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
     """The logit lens of a residual state h [B, T, D]: softcap(Norm_final(h) @ W_out), float32."""
     h = rms_norm(h, params["final_norm"], cfg)
-    logits = (h @ head_weights(cfg, params).astype(h.dtype)).astype(jnp.float32)
+    logits = head_matmul(h, *stored_head(cfg, params))
     cap = cfg.final_logit_softcap
     return cap * jnp.tanh(logits / cap) if cap else logits
 
@@ -124,9 +124,9 @@ def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch:
     if cfg.scale_embeddings:
         embed = embed * jnp.asarray(cfg.hidden_size**0.5, embed.dtype)
     states = jnp.concatenate([embed[None], cap["residual"]])            # s_0 .. s_L
-    head = head_weights(cfg, params)
+    head, vocab_major = stored_head(cfg, params)
     state_ce = lambda h: head_cross_entropy(  # noqa: E731
-        rms_norm(h, params["final_norm"], cfg), head, labels,
+        rms_norm(h, params["final_norm"], cfg), head, labels, vocab_major=vocab_major,
         softcap=cfg.final_logit_softcap)[0]
     ces = jax.lax.map(state_ce, states)  # the last is the model's CE
     lens_ce = jnp.mean(ces)
@@ -158,7 +158,9 @@ def repnoise_loss(cfg: ModelConfig, frozen: dict | None, alpha: float = 1.0, bet
         safe_batch = batches[safe]
         hidden = forward(cfg, params, safe_batch["input_ids"], safe_batch["attention_mask"],
                          lora=lora, apply_head=False)
-        ce_safe, aux = head_cross_entropy(hidden, head_weights(cfg, params), safe_batch["labels"],
+        head, vocab_major = stored_head(cfg, params)
+        ce_safe, aux = head_cross_entropy(hidden, head, safe_batch["labels"],
+                                          vocab_major=vocab_major,
                                           softcap=cfg.final_logit_softcap)
         reg, reg_aux = harmful_regularizer(cfg, frozen, trainable, batches[harmful], noise_key,
                                            alpha=alpha, beta=beta, kernel_mul=kernel_mul,
