@@ -89,18 +89,23 @@ def test_vocab_major_head_gives_the_loss_and_gradients_of_its_transpose(softcap,
     np.testing.assert_allclose(gw, ww.T, rtol=1e-5, atol=1e-7)
 
 
-def _transposed_shapes(jaxpr) -> list[tuple]:
-    """Input shapes of every transpose in a jaxpr, sub-jaxprs included."""
+def _eqns(jaxpr, primitive: str) -> list:
+    """Every equation of a primitive in a jaxpr, sub-jaxprs included."""
     out = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "transpose":
-            out.append(tuple(eqn.invars[0].aval.shape))
+        if eqn.primitive.name == primitive:
+            out.append(eqn)
         for p in eqn.params.values():
             for sub in (p if isinstance(p, (list, tuple)) else [p]):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    out += _transposed_shapes(inner)
+                    out += _eqns(inner, primitive)
     return out
+
+
+def _transposed_shapes(jaxpr) -> list[tuple]:
+    """Input shapes of every transpose in a jaxpr, sub-jaxprs included."""
+    return [tuple(e.invars[0].aval.shape) for e in _eqns(jaxpr, "transpose")]
 
 
 @pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full"])
@@ -139,16 +144,7 @@ def test_differentiated_head_loss_keeps_no_logits_sized_residual():
 
 def _dots(jaxpr) -> list[tuple]:
     """Output shapes of every dot_general in a jaxpr, sub-jaxprs included."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(tuple(eqn.outvars[0].aval.shape))
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out += _dots(inner)
-    return out
+    return [tuple(e.outvars[0].aval.shape) for e in _eqns(jaxpr, "dot_general")]
 
 
 def test_a_frozen_head_costs_two_matmuls_and_a_trained_head_three():

@@ -150,11 +150,9 @@ def _head_chunk(form, h, head, targets, mask, grad_h: bool, grad_w: bool):
     g = g.astype(h.dtype)
     # Contractions on the stored axes (no transpose ops: see `decoder.stored_head`).
     dh = _contract(g, w, 1, 0 if vocab_major else 1) if grad_h else None
-    if not grad_w:
-        dw = None
-    else:
-        a, c = (g, h) if vocab_major else (h, g)
-        dw = _contract(a, c, 0, 0, jnp.float32)
+    dw = None
+    if grad_w:  # [V, D] = Gᵀ h when vocab_major, else [D, V] = hᵀ G
+        dw = _contract(*((g, h) if vocab_major else (h, g)), 0, 0, jnp.float32)
     return loss, correct, dh, dw
 
 
