@@ -192,6 +192,53 @@ def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_pat
     assert len(loop.read_metrics(tmp_path / "m.jsonl")) == 20
 
 
+def test_loop_dispatches_step_k_plus_1_before_writing_step_k_and_matches_a_plain_loop(tmp_path):
+    """The host builds and queues the next step before it waits for the current one."""
+    metrics = tmp_path / "m.jsonl"
+    rows_written_at_request = []
+
+    def watched(start):
+        for b in synthetic_batches(start):
+            rows_written_at_request.append(len(loop.read_metrics(metrics))
+                                           if metrics.exists() else 0)
+            yield b
+
+    mesh, fn, st, _, frozen = make_run((1, 1, 1))
+    final, hist = loop.train(fn, st, frozen, watched, mesh=mesh, num_steps=6,
+                             metrics_path=metrics, progress=False)
+    # batch j (for step j + 1) is requested while steps 1..j are dispatched and rows 1..j-1
+    # are written; a loop that waited for each step before the next would show [0, 1, 2, ...]
+    assert rows_written_at_request == [0, 0, 1, 2, 3, 4]
+    assert [r["step"] for r in hist] == list(range(1, 7)) == [
+        r["step"] for r in loop.read_metrics(metrics)]
+    assert all(r["step_time_s"] > 0 and r["tokens_per_s"] > 0 for r in hist)
+    plain, plain_state = run_losses((1, 1, 1), steps=6)
+    assert [r["loss"] for r in hist] == [float(x) for x in plain]
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(plain_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loop_evaluates_the_state_after_its_step_and_logs_it_in_that_row(tmp_path):
+    def eval_fn(st, k):
+        norm = sum(float(jnp.sum(x.astype(jnp.float32) ** 2))
+                   for x in jax.tree.leaves(st.trainable))
+        return {"state_step": int(st.step), "called_at": k, "sq_norm": norm}
+
+    mesh, fn, st, _, frozen = make_run((1, 1, 1))
+    _, hist = loop.train(fn, st, frozen, synthetic_batches, mesh=mesh, num_steps=7,
+                         eval_fn=eval_fn, eval_every=3, metrics_path=tmp_path / "m.jsonl",
+                         progress=False)
+    evaluated = [r for r in hist if "eval/state_step" in r]
+    assert [(r["step"], r["eval/called_at"], r["eval/state_step"]) for r in evaluated] == [
+        (3, 3, 3), (6, 6, 6)]
+    assert loop.read_metrics(tmp_path / "m.jsonl")[2]["eval/state_step"] == 3
+    mesh, fn, st, _, frozen = make_run((1, 1, 1))
+    data = synthetic_batches(0)
+    for _ in range(6):
+        st, _ = fn(st, frozen, step.put_batches(next(data), mesh))
+    assert evaluated[1]["eval/sq_norm"] == pytest.approx(eval_fn(st, 6)["sq_norm"], rel=1e-6)
+
+
 def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
     def interrupting(start):
         for i, b in enumerate(synthetic_batches(start)):

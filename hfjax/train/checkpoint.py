@@ -38,6 +38,10 @@ class Checkpointer:
                                           meta=ocp.args.JsonSave(meta)),
             force=force)
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write a checkpoint (interval, first save, preemption)."""
+        return self.manager.should_save(step)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
