@@ -24,7 +24,7 @@ import platform
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_TRIM_NEVER = 2**31 - 1  # mallopt takes an int: trim only above 2 GiB of free heap top
+_TRIM_NEVER = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",

@@ -166,15 +166,16 @@ def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_path, overlap):
     mesh, fn, st0, st_sh, frozen = make_run((2, 4, 1))
     full, hist_full = loop.train(fn, st0, frozen, synthetic_batches, mesh=mesh, num_steps=20,
-                                 progress=False)
+                                 progress=False, overlap=overlap)
 
     mesh, fn, st0, st_sh, frozen = make_run((2, 4, 1))
     ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=5, keep=2)
     _, first = loop.train(fn, st0, frozen, synthetic_batches, mesh=mesh, num_steps=10,
-                          state_shardings=st_sh, checkpointer=ck, progress=False,
+                          state_shardings=st_sh, checkpointer=ck, progress=False, overlap=overlap,
                           metrics_path=tmp_path / "m.jsonl")
     ck.close()
     assert first[-1]["step"] == 10
@@ -183,7 +184,7 @@ def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_pat
     ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=5, keep=2)
     resumed, second = loop.train(fn, fresh, frozen, synthetic_batches, mesh=mesh, num_steps=20,
                                  state_shardings=st_sh, checkpointer=ck, progress=False,
-                                 metrics_path=tmp_path / "m.jsonl")
+                                 overlap=overlap, metrics_path=tmp_path / "m.jsonl")
     ck.close()
     assert [r["step"] for r in second] == list(range(11, 21))
     assert [r["loss"] for r in first + second] == [r["loss"] for r in hist_full]
@@ -192,33 +193,44 @@ def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_pat
     assert len(loop.read_metrics(tmp_path / "m.jsonl")) == 20
 
 
-def test_loop_dispatches_step_k_plus_1_before_writing_step_k_and_matches_a_plain_loop(tmp_path):
-    """The host builds and queues the next step before it waits for the current one."""
+def _rows_written_when_each_batch_is_requested(tmp_path, **loop_kw):
+    """(rows in the metrics file when each batch was requested, history, final state)."""
     metrics = tmp_path / "m.jsonl"
-    rows_written_at_request = []
+    metrics.unlink(missing_ok=True)
+    seen = []
 
     def watched(start):
         for b in synthetic_batches(start):
-            rows_written_at_request.append(len(loop.read_metrics(metrics))
-                                           if metrics.exists() else 0)
+            seen.append(len(loop.read_metrics(metrics)) if metrics.exists() else 0)
             yield b
 
     mesh, fn, st, _, frozen = make_run((1, 1, 1))
     final, hist = loop.train(fn, st, frozen, watched, mesh=mesh, num_steps=6,
-                             metrics_path=metrics, progress=False)
-    # batch j (for step j + 1) is requested while steps 1..j are dispatched and rows 1..j-1
-    # are written; a loop that waited for each step before the next would show [0, 1, 2, ...]
-    assert rows_written_at_request == [0, 0, 1, 2, 3, 4]
+                             metrics_path=metrics, progress=False, **loop_kw)
     assert [r["step"] for r in hist] == list(range(1, 7)) == [
         r["step"] for r in loop.read_metrics(metrics)]
     assert all(r["step_time_s"] > 0 and r["tokens_per_s"] > 0 for r in hist)
+    return seen, hist, final
+
+
+def test_overlapped_loop_dispatches_step_k_plus_1_before_writing_step_k_with_equal_results(
+        tmp_path):
+    seen, hist, final = _rows_written_when_each_batch_is_requested(tmp_path, overlap=True)
+    # batch j (for step j + 1) is requested while steps 1..j are dispatched and rows 1..j-1
+    # are written; a loop that waits for each step shows [0, 1, 2, ...]
+    assert seen == [0, 0, 1, 2, 3, 4]
     plain, plain_state = run_losses((1, 1, 1), steps=6)
     assert [r["loss"] for r in hist] == [float(x) for x in plain]
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(plain_state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_loop_evaluates_the_state_after_its_step_and_logs_it_in_that_row(tmp_path):
+def test_loop_on_cpu_waits_for_each_step_by_default(tmp_path):
+    assert _rows_written_when_each_batch_is_requested(tmp_path)[0] == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_loop_evaluates_the_state_after_its_step_and_logs_it_in_that_row(tmp_path, overlap):
     def eval_fn(st, k):
         norm = sum(float(jnp.sum(x.astype(jnp.float32) ** 2))
                    for x in jax.tree.leaves(st.trainable))
@@ -227,7 +239,7 @@ def test_loop_evaluates_the_state_after_its_step_and_logs_it_in_that_row(tmp_pat
     mesh, fn, st, _, frozen = make_run((1, 1, 1))
     _, hist = loop.train(fn, st, frozen, synthetic_batches, mesh=mesh, num_steps=7,
                          eval_fn=eval_fn, eval_every=3, metrics_path=tmp_path / "m.jsonl",
-                         progress=False)
+                         progress=False, overlap=overlap)
     evaluated = [r for r in hist if "eval/state_step" in r]
     assert [(r["step"], r["eval/called_at"], r["eval/state_step"]) for r in evaluated] == [
         (3, 3, 3), (6, 6, 6)]
@@ -239,7 +251,8 @@ def test_loop_evaluates_the_state_after_its_step_and_logs_it_in_that_row(tmp_pat
     assert evaluated[1]["eval/sq_norm"] == pytest.approx(eval_fn(st, 6)["sq_norm"], rel=1e-6)
 
 
-def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path, overlap):
     def interrupting(start):
         for i, b in enumerate(synthetic_batches(start)):
             if start + i == 3:
@@ -250,7 +263,8 @@ def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tmp_path):
         mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
         ck = checkpoint.Checkpointer(tmp_path / f"ckpt{every}", every=every, keep=1)
         _, hist = loop.train(fn, st0, frozen, interrupting, mesh=mesh, num_steps=10,
-                             state_shardings=st_sh, checkpointer=ck, progress=False)
+                             state_shardings=st_sh, checkpointer=ck, progress=False,
+                             overlap=overlap)
         ck.close()
         assert len(hist) == 3
         assert checkpoint.Checkpointer(tmp_path / f"ckpt{every}").latest_step() == 3

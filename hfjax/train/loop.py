@@ -4,10 +4,13 @@
 `start_step` on, exactly what an uninterrupted run would; that plus the restored state (with its
 rng) makes a resumed run equal an uninterrupted one.
 
-The host never stalls the device: step k+1 is dispatched (JAX dispatch is asynchronous) before
-step k's metrics are read, so the next batch is built, placed and queued while step k runs, and
-step k's logging happens while step k+1 runs. The loop waits for a step before dispatching the
-next only where it needs that step's state: an evaluation, a checkpoint, the last step.
+With `overlap` (the default on accelerators) the host never stalls the device: step k + 1 is
+dispatched (JAX dispatch is asynchronous) before step k's metrics are read, so the next batch is
+built, placed and queued while step k runs, and step k's row is written while step k + 1 runs.
+The loop then waits for a step before dispatching the next only where it needs that step's
+state: an evaluation, a checkpoint, the last step. On the CPU backend the default is off: the
+host's ~1 ms per step is nothing against a CPU step, the host thread shares the cores with
+XLA's, and the interleaved allocations fragment the heap (BUILD_NOTES, session 11).
 A row's `step_time_s` is the time from the previous step's end (or from when this step's
 batch was requested, if later) to this step's end: in steady state, the wall time per step.
 """
@@ -44,12 +47,16 @@ def train(
     eval_fn: Callable[[TrainState, int], dict] | None = None,
     eval_every: int = 0,
     progress: bool = True,
+    overlap: bool | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Run until `num_steps` steps are done; returns (state, per-step metrics of this run).
 
     `eval_fn(state, step)` runs every `eval_every` steps on the state after that step; its
     results join that step's row as `eval/<name>` (outside the row's `step_time_s`).
+    `overlap`: keep one step in flight (None: on unless the mesh's devices are CPUs).
     """
+    if overlap is None:
+        overlap = mesh.devices.flat[0].platform != "cpu"
     start = 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
         if state_shardings is None:
@@ -99,7 +106,7 @@ def train(
                 del inflight[0]
             evaluate = eval_fn is not None and eval_every > 0 and step % eval_every == 0
             save = checkpointer is not None and checkpointer.due(step)
-            if evaluate or save or step == num_steps:  # these need this step's state
+            if not overlap or evaluate or save or step == num_steps:  # this step's state
                 row = complete(inflight[0])
                 if evaluate:
                     row.update({f"eval/{k}": v for k, v in eval_fn(state, step).items()})
