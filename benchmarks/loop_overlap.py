@@ -8,9 +8,10 @@ random-length rows (prompt tokens label-masked, length buckets), so the host's p
 the library's own (pick and pad the rows, place them, dispatch, read the metrics, write a
 JSONL row).
 
-- "waiting": build batch k, dispatch step k, wait for its metrics, write its row, then batch
-  k + 1 (hfjax's loop before the overlap; the device idles while the host works).
-- "overlapped": `loop.train`, which dispatches step k + 1 before it reads step k's metrics.
+- "waiting": `loop.train(overlap=False)` (the CPU default): build batch k, dispatch step k, wait
+  for its metrics, write its row, then batch k + 1; the device idles while the host works.
+- "overlapped": `loop.train(overlap=True)` (the accelerator default): step k + 1 is dispatched
+  before step k's metrics are read.
 - "step alone": the step on the first batch, placed once, each call waited: the device's
   time per step plus one dispatch, with no host work (a floor for both loops).
 
@@ -48,19 +49,6 @@ TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_siz
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def waiting_loop(fn, st, frozen, batches, *, mesh, num_steps: int, metrics_path: Path):
-    """Each step waited for before the next batch is built (the loop without overlap)."""
-    it = batches(0)
-    with open(metrics_path, "a") as log:
-        for k in range(1, num_steps + 1):
-            host_batches = next(it)
-            st, metrics = fn(st, frozen, step.put_batches(host_batches, mesh))
-            row = {"step": k, **{n: float(v) for n, v in jax.device_get(metrics).items()}}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-    return st
-
-
 def main(argv):
     del argv
     host.keep_freed_memory()
@@ -94,36 +82,32 @@ def main(argv):
     opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, total_steps=10_000))
 
     def fresh():
-        st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-        return st, st_sh
+        return step.init_state(cfg, lora, opt, mesh=mesh, seed=0)[0]
 
-    st, st_sh = fresh()
+    _, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
     fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
                               frozen_shardings=frozen_sh)
     n = _STEPS.value
-    loops = {
-        "waiting": lambda st, p: waiting_loop(fn, st, frozen, batches, mesh=mesh, num_steps=n,
-                                              metrics_path=p),
-        "overlapped": lambda st, p: loop.train(fn, st, frozen, batches, mesh=mesh, num_steps=n,
-                                               metrics_path=p, progress=False)[0],
-    }
+
+    def train(overlap: bool):
+        return lambda st, p: loop.train(fn, st, frozen, batches, mesh=mesh, num_steps=n,
+                                        metrics_path=p, progress=False, overlap=overlap)[0]
+
     placed = step.put_batches(next(batches(0)), mesh)
-    holder = {}
 
     def step_alone(st, p):
         """The step on one placed batch, each call waited: no host work but dispatch."""
-        holder["st"] = st
         for _ in range(n):
-            holder["st"], metrics = fn(holder["st"], frozen, placed)
+            st, metrics = fn(st, frozen, placed)
             jax.block_until_ready(metrics)
-        return holder["st"]
+        return st
 
-    loops["step alone"] = step_alone
+    loops = {"waiting": train(False), "overlapped": train(True), "step alone": step_alone}
     times: dict[str, list[float]] = {k: [] for k in loops}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(_ROUNDS.value + 1):  # round 0 compiles every bucket: untimed
             for name, run in loops.items():
-                st, _ = fresh()
+                st = fresh()
                 t0 = time.perf_counter()
                 jax.block_until_ready(run(st, Path(tmp) / f"{name}{r}.jsonl"))
                 if r:
