@@ -177,6 +177,7 @@ def test_resume_after_interrupt_at_step_10_equals_uninterrupted_20_steps(tmp_pat
     _, first = loop.train(fn, st0, frozen, synthetic_batches, mesh=mesh, num_steps=10,
                           state_shardings=st_sh, checkpointer=ck, progress=False, overlap=overlap,
                           metrics_path=tmp_path / "m.jsonl")
+    assert ck.manager.all_steps() == [5, 10]  # the periodic save at 5 (Checkpointer.due), kept
     ck.close()
     assert first[-1]["step"] == 10
 
