@@ -10,7 +10,7 @@ import optax
 import pytest
 from defense_fixtures import CFG, LORA, LOSS_FN, fast_jit, grad_at, loss_at, make_batch
 
-from hfjax import defenses
+from hfjax import defenses, gaussian
 from hfjax.train.step import primary_gradient
 
 BATCH = make_batch(0)
@@ -83,14 +83,14 @@ def test_random_vaccine_noise_is_seeded_gaussian_with_variance_rho():
     assert float(jnp.mean(eps)) == pytest.approx(0.0, abs=0.03)
     assert float(jnp.var(eps)) == pytest.approx(5.0, rel=0.03)
     np.testing.assert_array_equal(eps, defenses.random_perturbation(jax.random.key(3), shape, 5.0))
-    np.testing.assert_allclose(eps, np.sqrt(5.0) * jax.random.normal(jax.random.key(3), shape),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        eps, np.sqrt(5.0) * gaussian.standard_normal(jax.random.key(3), shape), rtol=1e-6)
     assert not np.allclose(eps, defenses.random_perturbation(jax.random.key(4), shape, 5.0))
 
 
 def test_random_vaccine_update_is_the_gradient_at_noisy_activations_in_loop_and_step():
     rng = jax.random.key(7)
-    expected = grad_at(LORA, BATCH, np.sqrt(2.0) * jax.random.normal(rng, SHAPE))
+    expected = grad_at(LORA, BATCH, np.sqrt(2.0) * gaussian.standard_normal(rng, SHAPE))
     opt = defenses.random_vaccine(rho=2.0)
     plain = grad_at(LORA, BATCH)
     in_loop = update(opt, plain, batches={"align": BATCH}, rng=rng)

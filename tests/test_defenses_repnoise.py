@@ -14,7 +14,7 @@ import pytest
 from defense_fixtures import FAST, GEMMA_LIKE, count_passes
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hfjax import sharding
+from hfjax import gaussian, sharding
 from hfjax.defenses import api
 from hfjax.defenses.api import Cost
 from hfjax.models import lora as lora_lib
@@ -171,7 +171,7 @@ def test_repnoise_loss_equals_an_independent_numpy_computation(vg):
     logits_s = run(s, ())
     mlp = np.asarray(cap["mlp_out"], np.float64)                      # [L, B, T, D]
     m = (h["labels"] != -100)[None, :, :, None]
-    noise = np.asarray(jax.random.normal(key, mlp.shape, jnp.float32), np.float64)
+    noise = np.asarray(gaussian.standard_normal(key, mlp.shape), np.float64)
     n_layers, b = mlp.shape[:2]
     want_mmd = np.mean([np_mmd((mlp[i] * m[0]).reshape(b, -1), (noise[i] * m[0]).reshape(b, -1))
                         for i in range(n_layers)])

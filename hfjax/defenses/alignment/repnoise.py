@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hfjax import gaussian
 from hfjax.defenses.api import ALIGN, HARMFUL, Cost, DefenseError, StepOptions, register
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig
@@ -100,7 +101,7 @@ def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch:
                         ) -> tuple[jax.Array, dict]:
     """β · R_mmd − α · log(1 + R_lens) on the harmful batch: one forward pass.
 
-    The noise is ε = jax.random.normal(key, mlp_out.shape, float32) (all layers at once).
+    The noise is ε = gaussian.standard_normal(key, mlp_out.shape), float32 (all layers at once).
     The L + 1 lens CEs go one state at a time (`lax.map`) through `head_cross_entropy`, which
     never keeps a state's [B, T, V] logits: differentiated, each state costs 2 head matmuls of
     2·B·T·D·V FLOPs (the logits and ∂s), where keeping L + 1 logits tensors would cost the
@@ -114,7 +115,7 @@ def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch:
                      capture=("mlp_out", "residual"), apply_head=False)
     m = (labels != IGNORE_INDEX).astype(jnp.float32)[None, :, :, None]  # [1, B, T, 1]
     hidden = cap["mlp_out"].astype(jnp.float32) * m                     # [L, B, T, D]
-    noise = jax.random.normal(key, hidden.shape, jnp.float32) * m
+    noise = gaussian.standard_normal(key, hidden.shape) * m
     n_layers, b = hidden.shape[:2]
     per_layer = jax.vmap(lambda x, y: mmd(x, y, kernel_mul, kernel_num))(
         hidden.reshape(n_layers, b, -1), noise.reshape(n_layers, b, -1))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hfjax import gaussian
 from hfjax.defenses.api import ALIGN, Cost, DefenseError, StepOptions, register
 
 PAPER = ("Huang, Hu, Liu. Vaccine: Perturbation-aware Alignment for Large Language Models "
@@ -40,8 +41,9 @@ def vaccine_perturbation(perturb_grads: jax.Array, rho: float) -> jax.Array:
 
 
 def random_perturbation(rng: jax.Array, shape: tuple[int, ...], rho: float) -> jax.Array:
-    """ε ~ N(0, ρ I) of the given [L, B, T, D] shape (standard deviation √ρ)."""
-    return jnp.sqrt(rho) * jax.random.normal(rng, shape, jnp.float32)
+    """ε ~ N(0, ρ I) of the given [L, B, T, D] shape (standard deviation √ρ), float32, drawn
+    with `gaussian.standard_normal` (two samples per Threefry block)."""
+    return jnp.sqrt(rho) * gaussian.standard_normal(rng, shape)
 
 
 def perturb_shape(loss_fn, params, batch: dict) -> tuple[int, ...]:
