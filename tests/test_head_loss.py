@@ -248,7 +248,7 @@ def test_unfused_loss_supports_forward_mode_and_equals_the_fused_one():
                          alpha=lora.alpha)
     batch = _batch(CFG)
     fused = lambda t: make_loss_fn(CFG, params)(t, batch)[0]  # noqa: E731
-    plain = lambda t: make_loss_fn(CFG, params, fused_head=False)(t, batch)[0]  # noqa: E731
+    plain = lambda t: make_loss_fn(CFG, params, forward_mode_ad=True)(t, batch)[0]  # noqa: E731
     np.testing.assert_allclose(fused(lora), plain(lora), rtol=1e-6)
     tangent = jax.tree.map(jnp.ones_like, lora)
     # a Hessian-vector product: forward mode over the gradient

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,6 +148,119 @@ def test_zero_b_lora_leaves_logits_unchanged():
 def test_init_rejects_bad_arguments_with_a_clear_error(kwargs, message):
     with pytest.raises(lora_lib.LoRAError, match=message):
         lora_lib.init(CFG, jax.random.key(0), **kwargs)
+
+
+# --- the branch and its VJP -----------------------------------------------------------------
+
+
+def _branch_inputs(n, d_in, d_out, rank, dtype=jnp.float32, param_dtype=jnp.float32, seed=0):
+    k = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(k[0], (n, d_in), jnp.float32).astype(dtype)
+    a = (0.2 * jax.random.normal(k[1], (d_in, rank), jnp.float32)).astype(param_dtype)
+    b = (0.2 * jax.random.normal(k[2], (rank, d_out), jnp.float32)).astype(param_dtype)
+    g = jax.random.normal(k[3], (n, d_out), jnp.float32).astype(dtype)
+    return x, a, b, g
+
+
+def _branch_vjp(x, a, b, g, scale, forward_mode_ad):
+    fn = lambda x, a, b: lora_lib.apply(  # noqa: E731
+        x, {"q_proj": {"A": a, "B": b}}, "q_proj", scale, forward_mode_ad=forward_mode_ad)
+    y, vjp = jax.vjp(fn, x, a, b)
+    return (y, *vjp(g))
+
+
+@pytest.mark.parametrize(("n", "d_in", "d_out", "rank", "scale"),
+                         [(12, 16, 24, 4, 2.0), (7, 24, 8, 1, 16 / 3), (32, 8, 40, 8, 0.5)])
+def test_branch_value_and_vjp_equal_autodiff_of_the_plain_branch_in_float32(
+        n, d_in, d_out, rank, scale):
+    x, a, b, g = _branch_inputs(n, d_in, d_out, rank)
+    got = _branch_vjp(x, a, b, g, scale, forward_mode_ad=False)
+    want = _branch_vjp(x, a, b, g, scale, forward_mode_ad=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    for name, u, v in zip(("dx", "dA", "dB"), got[1:], want[1:], strict=True):
+        assert u.shape == v.shape and u.dtype == v.dtype, name
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert float(jnp.abs(v).max()) > 0.1, name  # not a trivially zero gradient
+
+
+def test_branch_vjp_in_bfloat16_is_the_float32_gradient_within_bfloat16_rounding():
+    x, a, b, g = _branch_inputs(64, 48, 96, 8, dtype=jnp.bfloat16)
+    got = _branch_vjp(x, a, b, g, 2.0, forward_mode_ad=False)
+    exact = _branch_vjp(x.astype(jnp.float32), a, b, g.astype(jnp.float32), 2.0, True)
+    assert got[1].dtype == jnp.bfloat16 and got[2].dtype == got[3].dtype == jnp.float32
+    for name, u, v in zip(("y", "dx", "dA", "dB"), got, exact, strict=True):
+        err = float(jnp.abs(u.astype(jnp.float32) - v).max() / jnp.abs(v).max())
+        assert err < 2e-2, (name, err)  # bf16: 8 mantissa bits, rounded intermediates
+
+
+def test_branch_vjp_returns_gradients_in_the_parameters_dtype():
+    x, a, b, g = _branch_inputs(8, 16, 16, 2, param_dtype=jnp.bfloat16)
+    _, dx, da, db = _branch_vjp(x, a, b, g, 2.0, forward_mode_ad=False)
+    assert (dx.dtype, da.dtype, db.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general equation in a jaxpr and its sub-jaxprs, with the equations that
+    produced its operands (None for inputs of the (sub-)jaxpr)."""
+    producers = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn, [producers.get(v) if isinstance(v, jax.extend.core.Var) else None
+                        for v in eqn.invars]
+        producers.update(dict.fromkeys(eqn.outvars, eqn))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _dot_generals(sub)
+
+
+def _row_major_products(forward_mode_ad: bool) -> list[bool]:
+    """Per product in the branch's forward + backward: does it contract the left operand's last
+    axis, the right one's first or last, with no transposed operand?"""
+    x, a, b, g = _branch_inputs(16, 8, 12, 4, dtype=jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda *args: _branch_vjp(*args, 2.0, forward_mode_ad))(x, a, b, g)
+    out = []
+    for eqn, producers in _dot_generals(jaxpr.jaxpr):
+        (lhs_c, rhs_c), _ = eqn.params["dimension_numbers"]
+        lhs, rhs = (v.aval.ndim for v in eqn.invars)
+        transposed = any(p is not None and p.primitive.name == "transpose" for p in producers)
+        out.append(tuple(lhs_c) == (lhs - 1,) and tuple(rhs_c) in ((0,), (rhs - 1,))
+                   and not transposed)
+    return out
+
+
+def test_branch_vjp_contracts_each_left_operand_over_its_last_axis_with_no_transposes():
+    # XLA:CPU runs such products in YNNPACK; autodiff's x^T dh (token axis of both operands)
+    # runs as an f32 dot on upcast copies (BUILD_NOTES, session 13)
+    custom = _row_major_products(forward_mode_ad=False)
+    assert len(custom) == 8 and all(custom), custom  # 2 forward, 6 backward products
+    assert not all(_row_major_products(forward_mode_ad=True))  # what the custom VJP avoids
+
+
+def test_forward_mode_through_the_branch_needs_forward_mode_ad():
+    x, a, b, _ = _branch_inputs(6, 8, 10, 2)
+    tangents = (jnp.ones_like(x), jnp.ones_like(a), jnp.ones_like(b))
+    fn = lambda fm: lambda x, a, b: lora_lib.apply(  # noqa: E731
+        x, {"v_proj": {"A": a, "B": b}}, "v_proj", 3.0, forward_mode_ad=fm)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(fn(False), (x, a, b), tangents)
+    _, tangent_out = jax.jvp(fn(True), (x, a, b), tangents)
+    # the branch is bilinear: its derivative along (dx, dA, dB) is the sum of three terms
+    want = 3.0 * (tangents[0] @ a @ b + x @ tangents[1] @ b + x @ a @ tangents[2])
+    np.testing.assert_allclose(tangent_out, want, rtol=1e-5)
+
+
+def test_model_loss_gradient_with_the_lora_vjp_equals_plain_autodiff():
+    from hfjax.train.loss import make_loss_fn
+
+    params = init_random(CFG, jax.random.key(1), std=0.1)
+    lora = _random_b(lora_lib.init(CFG, jax.random.key(2), rank=4, alpha=8,
+                                   targets=PROJECTIONS), jax.random.key(3))
+    ids, mask = _tokens()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    grads = [jax.grad(lambda t, fm=fm: make_loss_fn(CFG, params, forward_mode_ad=fm)(
+        t, batch)[0])(lora) for fm in (False, True)]
+    for u, v in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+    assert len(jax.tree.leaves(grads[0])) == 2 * len(PROJECTIONS)
 
 
 # --- merge -----------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
 _attention_remat = jax.checkpoint(attention, static_argnums=(0,))
 
 
-def _project(x, layer, layer_lora, name, scale, proj_inputs):
+def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=False):
     """x @ W (+ bias) (+ LoRA branch); records the input when capturing.
 
     The matmuls run on x flattened to [B·T, in]: autodiff of a 2-D LoRA branch gives weight
@@ -125,7 +125,7 @@ def _project(x, layer, layer_lora, name, scale, proj_inputs):
     y = x2 @ p["kernel"].astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
-    delta = lora_lib.apply(x2, layer_lora, name, scale)
+    delta = lora_lib.apply(x2, layer_lora, name, scale, forward_mode_ad=forward_mode_ad)
     y = y if delta is None else y + delta
     return y.reshape(*lead, y.shape[-1])
 
@@ -165,18 +165,20 @@ class KVCache:
                    next_pos=jnp.zeros((batch,), jnp.int32))
 
 
-def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, h, xs):
+def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, forward_mode_ad, h, xs):
     """One decoder layer.
 
     xs = (layer params, layer LoRA or None, window, ε_l or None, (k, v) cache slices or None).
     With a cache, the new keys/values are written at slots q_index and attention runs over all
     S slots (k_valid marks the filled ones); the updated slices are returned with the captures.
     rope = (cos, sin) tables from `rope_tables`, computed once for all layers.
+    forward_mode_ad: the LoRA branches without their custom VJP (`lora.apply`).
     """
     layer, layer_lora, window, eps, kv = xs
     b, t, _ = h.shape
     proj_inputs: dict = {}
-    proj = lambda x, name: _project(x, layer, layer_lora, name, lora_scale, proj_inputs)  # noqa: E731
+    proj = lambda x, name: _project(  # noqa: E731
+        x, layer, layer_lora, name, lora_scale, proj_inputs, forward_mode_ad)
 
     x = rms_norm(h, layer["attn_norm"], cfg)
     q = proj(x, "q_proj").reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -251,6 +253,7 @@ def forward(
     capture: Sequence[str] = (),
     kv_cache: KVCache | None = None,
     apply_head: bool = True,
+    forward_mode_ad: bool = False,
 ):
     """Logits [B, T, V] (float32) of a batch of token ids [B, T].
 
@@ -263,6 +266,8 @@ def forward(
       attention_mask then marks which of the T new tokens are real (left padding in prefill).
     apply_head: False returns the final-normed hidden states [B, T, D] (cfg.dtype) instead of
       the logits, for a loss that applies `head_weights` itself (`train.loss.head_cross_entropy`).
+    forward_mode_ad: differentiate the LoRA branches by plain autodiff, so that forward mode
+      (`jax.jvp`) works; by default their custom VJP (reverse mode only, faster: `lora.branch`).
     """
     if kv_cache is not None and not apply_head:
         raise ValueError("apply_head=False is not supported together with kv_cache")
@@ -300,7 +305,7 @@ def forward(
     rope = rope_tables(positions, rope_inv_freq(cfg), dtype)
     body = lambda carry, xs: _layer(  # noqa: E731
         cfg, rope, q_index, k_valid,
-        lora.scale if lora is not None else 0.0, tuple(capture), carry, xs,
+        lora.scale if lora is not None else 0.0, tuple(capture), forward_mode_ad, carry, xs,
     )
     if cfg.remat:
         body = jax.checkpoint(body)

@@ -13,6 +13,7 @@ PEFT's lora_A.weight [r, in] and lora_B.weight [out, r]).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -52,18 +53,70 @@ class LoRA:
         return self.alpha / self.rank
 
 
-def apply(x: jax.Array, layer_weights: dict | None, name: str, scale: float) -> jax.Array | None:
+def apply(x: jax.Array, layer_weights: dict | None, name: str, scale: float, *,
+          forward_mode_ad: bool = False) -> jax.Array | None:
     """The LoRA branch ((x @ A) · scale) @ B for one layer's `name` projection, or None.
 
-    The scale multiplies the rank-r intermediate [N, r], not the [N, out] output as PEFT
-    writes it (same value up to rounding; exact when scale is a power of two): the forward
-    and backward passes then have no elementwise pass over [N, out] for it (f32 LoRA step
-    −3%, BUILD_NOTES performance log, session 6).
+    x: [N, in] in the compute dtype; A and B are cast to it. The scale multiplies the rank-r
+    intermediate [N, r], not the [N, out] output as PEFT writes it (same value up to rounding;
+    exact when scale is a power of two): no elementwise pass over [N, out] for it (f32 LoRA
+    step −3%, BUILD_NOTES performance log, session 6).
+    Its gradient is `branch`'s custom VJP (reverse mode only); forward_mode_ad=True
+    differentiates the plain expression instead, so that `jax.jvp` (Hessian-vector products)
+    works.
     """
     if layer_weights is None or name not in layer_weights:
         return None
     a, b = layer_weights[name]["A"], layer_weights[name]["B"]
-    return ((x @ a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)) @ b.astype(x.dtype)
+    if forward_mode_ad:
+        return _branch_forward(x, a, b, scale)[0]
+    return branch(x, a, b, scale)
+
+
+_NN = (((1,), (0,)), ((), ()))  # dot_general: lhs [m, k] · rhs [k, n]
+_NT = (((1,), (1,)), ((), ()))  # lhs [m, k] · rhs [n, k]ᵀ
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def branch(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """y = (s·x A) B for x [N, in], A [in, r], B [r, out], in x's dtype; h = s·x A.
+
+    Its VJP for ∂y = G [N, out] (weight gradients accumulated in float32):
+
+        ∂h = s·G Bᵀ,   ∂x = ∂h Aᵀ,   ∂Aᵀ = (s·B Gᵀ) x,   ∂B = hᵀ G,   hᵀ = I_r hᵀ
+
+    Every product contracts its left operand's last axis and takes row-major operands.
+    Autodiff writes the weight gradients as xᵀ ∂h and hᵀ G, which contract the token axis of
+    both operands; XLA:CPU runs those outside YNNPACK as f32 dots on upcast copies of x and
+    G (512 × 576 × 8: 0.33 ms, against 0.09 ms for (B Gᵀ) x). A transposed operand, even
+    the [N, r] h, also makes XLA:CPU upcast a bf16 dot, so hᵀ comes from an exact GEMM with
+    the identity, and ∂A's final [r, in] → [in, r] transpose sits behind an optimization
+    barrier that keeps XLA from folding it back into the dot. SmolLM2-135M LoRA step
+    (BUILD_NOTES, session 13): bf16 −5.5%, f32 −3.6%.
+    """
+    return _branch_forward(x, a, b, scale)[0]
+
+
+def _branch_forward(x, a, b, scale):
+    h = (x @ a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    return h @ b.astype(x.dtype), (x, h, a, b)
+
+
+def _branch_backward(scale, residuals, g):
+    x, h, a, b = residuals
+    s = jnp.asarray(scale, x.dtype)
+    a_c, b_c = a.astype(x.dtype), b.astype(x.dtype)
+    dh = jax.lax.dot_general(g, b_c, _NT) * s                       # [N, r]
+    dx = jax.lax.dot_general(dh, a_c, _NT)                          # [N, in]
+    dh_t = jax.lax.dot_general(b_c, g, _NT) * s                     # [r, N]
+    h_t = jax.lax.dot_general(jnp.eye(h.shape[1], dtype=h.dtype), h, _NT)  # [r, N]
+    da_t = jax.lax.dot_general(dh_t, x, _NN, preferred_element_type=jnp.float32)  # [r, in]
+    db = jax.lax.dot_general(h_t, g, _NN, preferred_element_type=jnp.float32)     # [r, out]
+    da = jax.lax.optimization_barrier(da_t).T
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+branch.defvjp(_branch_forward, _branch_backward)
 
 
 class LoRAError(ValueError):

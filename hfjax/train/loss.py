@@ -211,24 +211,27 @@ _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=
 
 
 def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool = False,
-                 fused_head: bool = True) -> Callable:
+                 forward_mode_ad: bool = False) -> Callable:
     """`loss_fn(trainable, batch, **forward_kw) -> (loss, aux)` closing over the frozen base.
 
     LoRA mode: trainable is a `LoRA`, the base `frozen` params are fixed.
     Full fine-tuning: trainable is the whole params pytree and `frozen` is unused.
     Extra keyword arguments (`perturb`, `capture`) go to `forward`; captured activations are
     returned in aux["captured"].
-    fused_head: the CE through `head_cross_entropy` (reverse mode only); False computes the
-    logits and `token_cross_entropy` (same value and gradient; forward mode works too, e.g.
-    for Hessian-vector products with `jax.jvp`).
+    forward_mode_ad: False (default): the CE through the fused `head_cross_entropy` and the
+    LoRA branches through their custom VJP (`models.lora.branch`), both reverse mode only.
+    True: the logits and `token_cross_entropy`, and plain autodiff through the LoRA branches
+    (same value and gradient up to rounding); forward mode works too, e.g. for
+    Hessian-vector products with `jax.jvp`.
     """
 
     def loss_fn(trainable, batch: dict, **forward_kw):
         params, lora = (trainable, None) if full_finetune else (frozen, trainable)
         out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora,
-                      apply_head=not fused_head, **forward_kw)
+                      apply_head=forward_mode_ad, forward_mode_ad=forward_mode_ad,
+                      **forward_kw)
         out, captured = out if forward_kw.get("capture") else (out, None)
-        if fused_head:
+        if not forward_mode_ad:
             w, vocab_major = stored_head(cfg, params)
             loss, aux = head_cross_entropy(out, w, batch["labels"], vocab_major=vocab_major,
                                            softcap=cfg.final_logit_softcap)
