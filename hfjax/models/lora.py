@@ -83,16 +83,16 @@ def branch(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
     Its VJP for ∂y = G [N, out] (weight gradients accumulated in float32):
 
-        ∂h = s·G Bᵀ,   ∂x = ∂h Aᵀ,   ∂Aᵀ = (s·B Gᵀ) x,   ∂B = hᵀ G,   hᵀ = I_r hᵀ
+        ∂h = s·G Bᵀ,   ∂x = ∂h Aᵀ,   ∂Aᵀ = ∂hᵀ x,   ∂B = hᵀ G,   (∂hᵀ, hᵀ) = I_r (∂hᵀ, hᵀ)
 
     Every product contracts its left operand's last axis and takes row-major operands.
     Autodiff writes the weight gradients as xᵀ ∂h and hᵀ G, which contract the token axis of
     both operands; XLA:CPU runs those outside YNNPACK as f32 dots on upcast copies of x and
-    G (512 × 576 × 8: 0.33 ms, against 0.09 ms for (B Gᵀ) x). A transposed operand, even
-    the [N, r] h, also makes XLA:CPU upcast a bf16 dot, so hᵀ comes from an exact GEMM with
-    the identity, and ∂A's final [r, in] → [in, r] transpose sits behind an optimization
-    barrier that keeps XLA from folding it back into the dot. SmolLM2-135M LoRA step
-    (BUILD_NOTES, session 13): bf16 −5.5%, f32 −3.6%.
+    G (512 × 576 × 8: 0.33 ms, against 0.09 ms for ∂hᵀ x). A transposed operand, even
+    the [N, r] h, also makes XLA:CPU upcast a bf16 dot, so ∂hᵀ and hᵀ come from exact GEMMs
+    with the r × r identity (2·r²·N FLOPs each), and ∂A's final [r, in] → [in, r] transpose
+    sits behind an optimization barrier that keeps XLA from folding it back into the dot.
+    SmolLM2-135M LoRA step (BUILD_NOTES, session 13): bf16 −5.5%, f32 −3.6%.
     """
     return _branch_forward(x, a, b, scale)[0]
 
@@ -106,10 +106,11 @@ def _branch_backward(scale, residuals, g):
     x, h, a, b = residuals
     s = jnp.asarray(scale, x.dtype)
     a_c, b_c = a.astype(x.dtype), b.astype(x.dtype)
+    eye = jnp.eye(h.shape[1], dtype=h.dtype)
     dh = jax.lax.dot_general(g, b_c, _NT) * s                       # [N, r]
     dx = jax.lax.dot_general(dh, a_c, _NT)                          # [N, in]
-    dh_t = jax.lax.dot_general(b_c, g, _NT) * s                     # [r, N]
-    h_t = jax.lax.dot_general(jnp.eye(h.shape[1], dtype=h.dtype), h, _NT)  # [r, N]
+    dh_t = jax.lax.dot_general(eye, dh, _NT)                        # [r, N] = ∂hᵀ, exact
+    h_t = jax.lax.dot_general(eye, h, _NT)                          # [r, N] = hᵀ, exact
     da_t = jax.lax.dot_general(dh_t, x, _NN, preferred_element_type=jnp.float32)  # [r, in]
     db = jax.lax.dot_general(h_t, g, _NN, preferred_element_type=jnp.float32)     # [r, out]
     da = jax.lax.optimization_barrier(da_t).T
