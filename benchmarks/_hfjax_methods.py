@@ -4,8 +4,10 @@ Shared by `defense_step_time.py`, `step_throughput.py` and `gpu_mfu.py`. Every m
 hfjax's jitted train step with the step options its registry entry gives
 (`defenses.step_options`) and the registry's default hyper-parameters; every named batch it
 reads ("user", and the defense's `spec.batches`) is a [batch, seq] block of numpy
-`default_rng(seed)` random ids with all tokens as response tokens. Seeds: `batch_seeds` (the
-PyTorch reference, `torch_reference.py`, builds the same batches from the same seeds).
+`default_rng(seed)` random ids whose first `prompt_tokens(seq)` positions of each row are prompt
+tokens (label −100, --prompt_fraction, default none) and the rest response tokens. Seeds:
+`batch_seeds` (the PyTorch reference, `torch_reference.py`, builds the same batches from the
+same seeds and --prompt_fraction).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from hfjax.train import optim, state, step
 # Model, LoRA, batch and precision flags shared by the benchmarks that import this module.
 MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
 BATCH = flags.DEFINE_integer("batch", 4, "rows of every named batch")
-SEQ = flags.DEFINE_integer("seq", 128, "sequence length (every token is a response token)")
+SEQ = flags.DEFINE_integer("seq", 128, "sequence length")
+PROMPT_FRACTION = flags.DEFINE_float(
+    "prompt_fraction", 0.0,
+    "leading fraction of each row that is prompt (label -100, no loss); the rest is response. "
+    "0: every token is a response token")
 RANK = flags.DEFINE_integer("rank", 8, "LoRA rank")
 ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
 TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
@@ -38,8 +44,17 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute 
 
 def sizes_text() -> str:
     """Precision, batch and LoRA of a run, for the header line of a benchmark's table."""
-    return (f"{DTYPE.value}, batch {BATCH.value} x {SEQ.value}, LoRA r={RANK.value} "
+    prompt = (f" ({prompt_tokens(SEQ.value)} prompt tokens per row)"
+              if PROMPT_FRACTION.value else "")
+    return (f"{DTYPE.value}, batch {BATCH.value} x {SEQ.value}{prompt}, LoRA r={RANK.value} "
             f"alpha={ALPHA.value:g} on {','.join(TARGETS.value)}")
+
+
+def prompt_tokens(seq: int) -> int:
+    """Leading prompt tokens per row: round(--prompt_fraction · seq), checked to be in [0, 1)."""
+    if not 0.0 <= PROMPT_FRACTION.value < 1.0:
+        raise ValueError(f"--prompt_fraction must be in [0, 1), got {PROMPT_FRACTION.value}")
+    return round(PROMPT_FRACTION.value * seq)
 
 LORA_SFT = "lora_sft"
 
@@ -60,10 +75,13 @@ def batch_seeds(name: str | None) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
-def random_batch(vocab: int, seed: int, batch: int, seq: int) -> dict:
-    """[batch, seq] ids from default_rng(seed); every token is a response token."""
+def random_batch(vocab: int, seed: int, batch: int, seq: int, prompt: int = 0) -> dict:
+    """[batch, seq] ids from default_rng(seed); the first `prompt` positions of each row are
+    prompt tokens (label −100), the others response tokens."""
     ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+    labels = ids.copy()
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
 
 def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None, *, batch: int, seq: int):
@@ -81,7 +99,8 @@ def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None, *, batch: 
                               frozen_shardings=frozen_sh,
                               **(spec.step_options().step_kwargs() if spec else {}))
     placed = step.put_batches(
-        {n: random_batch(cfg.vocab_size, s, batch, seq) for n, s in batch_seeds(name).items()},
+        {n: random_batch(cfg.vocab_size, s, batch, seq, prompt_tokens(seq))
+         for n, s in batch_seeds(name).items()},
         mesh)
     holder = {"state": st}
 
@@ -141,7 +160,7 @@ def torch_reference_flags(*, steps: int, warmup: int) -> list[str]:
     """The shared batch/LoRA/precision flags and the step counts as `torch_reference.py` flags."""
     values = {"batch": BATCH.value, "seq": SEQ.value, "rank": RANK.value, "alpha": ALPHA.value,
               "targets": ",".join(TARGETS.value), "dtype": DTYPE.value, "steps": steps,
-              "warmup": warmup}
+              "warmup": warmup, "prompt_tokens": prompt_tokens(SEQ.value)}
     return [a for name, v in values.items() for a in (f"--{name}", str(v))]
 
 

@@ -261,6 +261,9 @@ def main(argv):
     if common.MODEL.value:
         raise app.UsageError("--model: this benchmark uses random weights; pass --config or "
                              "--config_json")
+    if common.PROMPT_FRACTION.value:
+        raise app.UsageError("--prompt_fraction: the MFU accounting counts the LM head at "
+                             "every token, so every token must be a response token")
     name, hf_config = config_dict()
     dtype = common.DTYPE.value
     cfg = from_hf_dict(hf_config, dtype=dtype).replace(remat=_REMAT.value)

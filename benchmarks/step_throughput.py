@@ -1,7 +1,7 @@
 """Train-step throughput of hfjax (and, with --torch_python, PyTorch + PEFT) per method.
 
     python benchmarks/step_throughput.py [--model PATH] [--batch 4] [--seq 128]
-        [--methods lora_sft,booster,...] [--json]
+        [--prompt_fraction 0] [--methods lora_sft,booster,...] [--json]
 
 --methods: plain LoRA SFT ("lora_sft") and gradient defenses (default: lora_sft and every
 gradient defense in hfjax's registry, with the registry's default hyper-parameters). The hfjax
@@ -11,6 +11,11 @@ PyTorch code does (hooks, plain autograd, torch.optim.AdamW) with the same hyper
 the same named batches ("user", "align", "harmful": numpy seeds from `batch_seeds`, checked
 against the torch side's). Tokens per second = batch·seq of the "user" batch / step time on both
 stacks, whatever batches the method reads.
+
+--prompt_fraction F makes the first round(F·seq) tokens of every row prompt tokens (label −100)
+on both stacks, as in instruction data; hfjax runs the LM head only over the chunks of tokens that
+carry a loss (`train.loss.head_cross_entropy`), HF computes the logits at every position. The
+default, 0, makes every token a response token, so both stacks do the same head work.
 
 Same model, LoRA config (r, alpha, targets), batch, sequence length and precision on both stacks;
 warm-up steps excluded; the median over the timed steps. Every figure is printed with the
@@ -115,6 +120,10 @@ def torch_step(path, method: str) -> dict | None:
     if ref.get("batch_seeds") != want:
         raise RuntimeError(f"{method}: torch batch seeds {ref.get('batch_seeds')} != hfjax's "
                            f"{want}")
+    prompt = common.prompt_tokens(common.SEQ.value)
+    if ref.get("prompt_tokens") != prompt:
+        raise RuntimeError(f"{method}: torch prompt tokens per row {ref.get('prompt_tokens')} "
+                           f"!= hfjax's {prompt}")
     return ref
 
 
@@ -152,6 +161,8 @@ def main(argv):
             "model": str(path),
             "batch": common.BATCH.value,
             "seq": common.SEQ.value,
+            "prompt_fraction": common.PROMPT_FRACTION.value,
+            "prompt_tokens_per_row": common.prompt_tokens(common.SEQ.value),
             "lora_rank": common.RANK.value,
             "lora_alpha": common.ALPHA.value,
             "targets": common.TARGETS.value,

@@ -12,9 +12,9 @@ it, as hfjax does), or with --config_json an HF config.json built by
 --device cuda puts the model and batches on the GPU (created there directly with --config_json)
 and synchronizes before each clock read. LoRA as PEFT's
 `LoraConfig(r, lora_alpha, target_modules, lora_dropout=0)`; AdamW over the LoRA parameters
-(lr 1e-4, weight decay 0, as hfjax's benchmark); every loss is HF's mean token CE over all
-tokens (labels = input_ids, the shift inside the model), which is hfjax's response-token CE
-when every token is a response token.
+(lr 1e-4, weight decay 0, as hfjax's benchmark); every loss is HF's mean token CE (labels =
+input_ids with the first --prompt_tokens positions of each row −100, the shift inside the
+model), which is hfjax's response-token CE; HF computes the logits at every position.
 
 --method picks the step, written the way the public PyTorch implementations do it (forward hooks,
 plain autograd), computing what hfjax's defense of the same name computes (hfjax/defenses/) with
@@ -106,12 +106,16 @@ def batch_seeds(method: str) -> dict[str, int]:
 
 
 def make_batches(method: str, vocab: int, batch: int, seq: int,
-                 device: torch.device | str = "cpu") -> dict[str, dict]:
+                 device: torch.device | str = "cpu", prompt_tokens: int = 0) -> dict[str, dict]:
+    """The named batches; the first `prompt_tokens` positions of each row get label −100."""
     out = {}
     for name, seed in batch_seeds(method).items():
         ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
-        ids = torch.from_numpy(ids).to(device)
-        out[name] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        labels = ids.copy()
+        labels[:, :prompt_tokens] = -100
+        out[name] = {"input_ids": torch.from_numpy(ids).to(device),
+                     "attention_mask": torch.ones_like(torch.from_numpy(ids)).to(device),
+                     "labels": torch.from_numpy(labels).to(device)}
     return out
 
 
@@ -336,6 +340,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=sorted(STEPS), default="lora_sft")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--prompt_tokens", type=int, default=0,
+                   help="leading positions of each row with label -100 (no loss)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -396,7 +402,11 @@ def main(argv=None) -> None:
     model, opt = build(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    batches = make_batches(args.method, model.config.vocab_size, args.batch, args.seq, device)
+    if not 0 <= args.prompt_tokens < args.seq:
+        raise SystemExit(f"--prompt_tokens must be in [0, --seq={args.seq}), got "
+                         f"{args.prompt_tokens}")
+    batches = make_batches(args.method, model.config.vocab_size, args.batch, args.seq, device,
+                           args.prompt_tokens)
     step_fn, state = STEPS[args.method], {}
 
     def run_one() -> float:
@@ -420,7 +430,8 @@ def main(argv=None) -> None:
     print(json.dumps({
         "method": args.method, "step_s": med, "tokens_per_s": args.batch * args.seq / med,
         "steps_per_s": 1 / med, "step_times_s": times, "loss": losses[-1] if losses else None,
-        "losses": losses, "batch_seeds": batch_seeds(args.method), "torch": torch.__version__,
+        "losses": losses, "batch_seeds": batch_seeds(args.method),
+        "prompt_tokens": args.prompt_tokens, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "device": str(device),

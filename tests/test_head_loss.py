@@ -89,6 +89,68 @@ def test_vocab_major_head_gives_the_loss_and_gradients_of_its_transpose(softcap,
     np.testing.assert_allclose(gw, ww.T, rtol=1e-5, atol=1e-7)
 
 
+def _sparse_labels(keep: float, seed: int = 1, b: int = 3, t: int = 11) -> tuple:
+    """Hidden states [b, t, D], a head and labels where only a `keep` fraction of the tokens,
+    scattered over rows and positions, carries a loss."""
+    r = np.random.default_rng(seed)
+    h = jnp.asarray(r.standard_normal((b, t, D)), jnp.float32)
+    w = jnp.asarray(0.5 * r.standard_normal((D, V)), jnp.float32)
+    labels = np.where(r.random((b, t)) < keep, r.integers(0, V, (b, t)), -100)
+    return h, w, jnp.asarray(labels, jnp.int32)
+
+
+@pytest.mark.parametrize("keep,chunk", [(0.3, 3), (0.3, None), (0.7, 4), (1.0, 5)])
+def test_scattered_loss_tokens_give_the_logits_loss_and_gradients(keep, chunk):
+    h, w, labels = _sparse_labels(keep)
+    fused = lambda h, w: head_cross_entropy(h, w, labels, chunk_tokens=chunk)  # noqa: E731
+    (got, got_aux), got_g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(h, w)
+    (want, want_aux), want_g = jax.value_and_grad(
+        lambda h, w: _via_logits(h, w, labels, None), argnums=(0, 1), has_aux=True)(h, w)
+    assert 0 < int(want_aux["tokens"]) <= labels.size
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert int(got_aux["tokens"]) == int(want_aux["tokens"])
+    assert float(got_aux["accuracy"]) == float(want_aux["accuracy"])
+    for g, r in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def _head_trips(monkeypatch, h, w, labels, chunk) -> int:
+    """How many chunks the head ran over in one value-and-gradient call."""
+    trips = []
+    inner = loss_lib._head_chunk
+
+    def counted(form, h_c, *args):
+        jax.debug.callback(lambda: trips.append(1))
+        return inner(form, h_c, *args)
+
+    monkeypatch.setattr(loss_lib, "_head_chunk", counted)
+    loss = lambda h: head_cross_entropy(h, w, labels, chunk_tokens=chunk)[0]  # noqa: E731
+    jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(h))
+    jax.effects_barrier()
+    return len(trips)
+
+
+def test_the_head_runs_only_over_the_chunks_that_hold_loss_tokens(monkeypatch):
+    h, w, labels = _sparse_labels(0.3)  # 33 tokens, 3 × 11
+    n_loss = int(jnp.sum(loss_lib._next_token_targets(labels) != -100))
+    assert 0 < n_loss <= 12  # 4 chunks of 3 hold them all, out of 11
+    assert _head_trips(monkeypatch, h, w, labels, chunk=3) == -(-n_loss // 3)
+    # every token but each row's last (which predicts nothing): 30 of 33, 10 of the 11 chunks
+    everything = jnp.asarray(np.ones(labels.shape, np.int32))
+    assert _head_trips(monkeypatch, h, w, everything, chunk=3) == 10
+
+
+def test_a_batch_without_loss_tokens_runs_no_head_and_has_zero_loss_and_gradient(monkeypatch):
+    h, w, _ = _sparse_labels(0.3)
+    none = jnp.full((h.shape[0], h.shape[1]), -100, jnp.int32)
+    (loss, aux), (gh, gw) = jax.value_and_grad(
+        lambda h, w: head_cross_entropy(h, w, none, chunk_tokens=4), argnums=(0, 1),
+        has_aux=True)(h, w)
+    assert float(loss) == 0.0 and int(aux["tokens"]) == 0 and float(aux["accuracy"]) == 0.0
+    assert not np.any(np.asarray(gh)) and not np.any(np.asarray(gw))
+    assert _head_trips(monkeypatch, h, w, none, chunk=4) == 0
+
+
 def _eqns(jaxpr, primitive: str) -> list:
     """Every equation of a primitive in a jaxpr, sub-jaxprs included."""
     out = []

@@ -81,11 +81,17 @@ LOGITS_CHUNK_ELEMENTS = 1 << 26
 """Most logits `head_cross_entropy` holds at once (64 Mi float32 = 256 MiB): longer batches
 go through the head a chunk of tokens at a time."""
 
+HEAD_CHUNK_TOKENS = 256
+"""Default tokens per chunk of `head_cross_entropy` (fewer when LOGITS_CHUNK_ELEMENTS asks):
+the head runs only over the chunks that hold loss-bearing tokens, so this is the granularity
+at which prompt and padding tokens are skipped."""
+
 
 def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
                        vocab_major: bool = False, softcap: float | None = None,
                        chunk_tokens: int | None = None) -> tuple[jax.Array, dict]:
-    """`token_cross_entropy(softcap(hidden @ W), labels)` without materializing the logits.
+    """`token_cross_entropy(softcap(hidden @ W), labels)` without materializing the logits,
+    computed at the loss-bearing positions only.
 
     hidden: final-normed states [B, T, D] (`forward(..., apply_head=False)`); head: W [D, V],
     or its transpose [V, D] with vocab_major=True (tied embeddings as stored: pass
@@ -99,8 +105,12 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
     fine-tuning), not the [B·T, V] logits and their softmax, and it runs no head matmul of its
     own: with a frozen head, 2 matmuls in all (logits, ∂h), as plain autodiff but without its
     [B·T, V] residual, where `jax.checkpoint` around the head (to drop that residual) costs 3.
-    chunk_tokens: at most this many tokens per chunk (default: as many as keep a chunk's
-    logits under LOGITS_CHUNK_ELEMENTS); the chunks are of equal size, the last one padded.
+    The tokens are first ordered loss-bearing first (a stable sort of the mask), and a loop
+    runs the head over ⌈#loss tokens / chunk⌉ chunks only: prompt and padding positions, whose
+    logits the loss never reads, cost no head FLOPs (a batch with a third of its tokens in
+    responses runs a third of the head's 4·B·T·D·V FLOPs, up to the last chunk's padding).
+    chunk_tokens: at most this many tokens per chunk (default: HEAD_CHUNK_TOKENS, fewer if
+    LOGITS_CHUNK_ELEMENTS asks); the chunks are of equal size, the last one padded.
     """
     b, t, d = hidden.shape
     if labels.shape != (b, t):
@@ -108,18 +118,17 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
     if head.ndim != 2 or head.shape[1 if vocab_major else 0] != d:
         want = f"[V, D={d}] (vocab_major)" if vocab_major else f"[D={d}, V]"
         raise ValueError(f"head must be {want}, got shape {head.shape}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     targets = _next_token_targets(labels).reshape(-1)
     mask = targets != IGNORE_INDEX
     n, vocab = b * t, head.shape[0 if vocab_major else 1]
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    n_chunks = -(-n // (chunk_tokens or max(1, LOGITS_CHUNK_ELEMENTS // vocab)))
+    limit = chunk_tokens or min(HEAD_CHUNK_TOKENS, max(1, LOGITS_CHUNK_ELEMENTS // vocab))
+    n_chunks = -(-n // limit)
     chunk = -(-n // n_chunks)
-    pad = -n % chunk
-    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
-    safe = jnp.pad(jnp.where(mask, targets, 0), (0, pad))
-    loss_sum, correct = _fused_head_nll((softcap or None, vocab_major), chunk, h, head, safe,
-                                        jnp.pad(mask, (0, pad)))
+    loss_sum, correct = _fused_head_nll((softcap or None, vocab_major), chunk,
+                                        hidden.reshape(n, d), head, jnp.where(mask, targets, 0),
+                                        mask)
     tokens = mask.sum()
     denom = jnp.maximum(tokens, 1)
     return loss_sum / denom, {"tokens": tokens, "accuracy": correct / denom,
@@ -163,24 +172,35 @@ def _contract(a, b, a_axis: int, b_axis: int, out=None):
 
 
 def _head_chunks(form, chunk, h, head, targets, mask, grad_h=False, grad_w=False):
-    """`_head_chunk` over the token chunks (`lax.scan` when there are several): sums of the
-    loss, #correct and ∂W (float32), ∂h concatenated."""
-    n_chunks = h.shape[0] // chunk
-    if n_chunks == 1:
-        return _head_chunk(form, h, head, targets, mask, grad_h, grad_w)
+    """`_head_chunk` over the chunks of tokens that hold loss-bearing ones: sums of the loss,
+    #correct and ∂W (float32), and ∂h [N, D] (zero at the tokens without a loss).
 
-    def body(carry, xs):
-        loss, correct, dw = carry
-        h_c, targets_c, mask_c = xs
-        l_c, c_c, dh_c, dw_c = _head_chunk(form, h_c, head, targets_c, mask_c, grad_h, grad_w)
-        return (loss + l_c, correct + c_c, None if dw is None else dw + dw_c), dh_c
+    The tokens are ordered loss-bearing first (stable argsort of ¬mask) and padded to whole
+    chunks; a loop (a `while` with ⌈#loss tokens / chunk⌉ trips) runs the head over the leading
+    chunks only, and ∂h goes back to the original order by the inverse permutation.
+    """
+    n, d = h.shape
+    order = jnp.argsort(~mask, stable=True)
+    pad = -n % chunk
+    sort = lambda a: jnp.pad(a[order], ((0, pad),) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
+    h_s, targets_s, mask_s = sort(h), sort(targets), sort(mask)
+    trips = -(-jnp.sum(mask, dtype=jnp.int32) // chunk)
 
-    split = lambda a: a.reshape(n_chunks, chunk, *a.shape[1:])  # noqa: E731
-    dw0 = jnp.zeros(head.shape, jnp.float32) if grad_w else None
-    (loss, correct, dw), dh = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), dw0),
-        (split(h), split(targets), split(mask)))
-    return loss, correct, None if dh is None else dh.reshape(h.shape), dw
+    def body(i, carry):
+        loss, correct, dh, dw = carry
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk)  # noqa: E731
+        l_c, c_c, dh_c, dw_c = _head_chunk(form, take(h_s), head, take(targets_s), take(mask_s),
+                                           grad_h, grad_w)
+        if grad_h:
+            dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * chunk, axis=0)
+        return loss + l_c, correct + c_c, dh, None if dw is None else dw + dw_c
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+            jnp.zeros((n + pad, d), h.dtype) if grad_h else None,
+            jnp.zeros(head.shape, jnp.float32) if grad_w else None)
+    loss, correct, dh_s, dw = jax.lax.fori_loop(0, trips, body, init)
+    dh = None if dh_s is None else dh_s[jnp.argsort(order)]
+    return loss, correct, dh, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
