@@ -145,7 +145,11 @@ def test_left_padded_rows_equal_the_same_rows_run_alone(case):
         alone = np.asarray(decoder.forward(cfg, params, ids[b : b + 1, keep]))[0]
         worst = max(worst, float(np.abs(logits[b, keep] - alone).max()))
     _record(case, "padded vs alone", worst)
-    assert worst <= 1e-5, f"{case}: padded rows differ from unpadded runs by {worst:.3e}"
+    # Only float32 summation order differs (GEMMs of other shapes): a few ulps of the largest
+    # logit (ulp(17) = 1.9e-6; qwen2's logits reach 17 and differ by 1.1e-5 under jax 0.12.1),
+    # where wrong positions or attended padding move logits by 1e-2 or more.
+    tol = 5e-6 * float(np.abs(logits).max())
+    assert worst <= tol, f"{case}: padded rows differ from unpadded runs by {worst:.3e} > {tol:.3e}"
 
 
 @pytest.fixture(scope="module")
