@@ -51,10 +51,15 @@ def sizes_text() -> str:
 
 
 def prompt_tokens(seq: int) -> int:
-    """Leading prompt tokens per row: round(--prompt_fraction · seq), checked to be in [0, 1)."""
-    if not 0.0 <= PROMPT_FRACTION.value < 1.0:
-        raise ValueError(f"--prompt_fraction must be in [0, 1), got {PROMPT_FRACTION.value}")
-    return round(PROMPT_FRACTION.value * seq)
+    """Leading prompt tokens per row: round(--prompt_fraction · seq), which must leave at least
+    one response token (ValueError otherwise)."""
+    fraction = PROMPT_FRACTION.value
+    tokens = round(fraction * seq) if 0.0 <= fraction < 1.0 else -1
+    if not 0 <= tokens < seq:
+        raise ValueError(f"--prompt_fraction must be in [0, 1) and leave a response token in "
+                         f"each row of --seq {seq}, got {fraction}")
+    return tokens
+
 
 LORA_SFT = "lora_sft"
 

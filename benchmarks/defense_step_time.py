@@ -65,6 +65,7 @@ def main(argv):
     result = {
         "hardware": hardware(), "precision": common.DTYPE.value,
         "sizes": {"model": str(path), "batch": common.BATCH.value, "seq": common.SEQ.value,
+                  "prompt_tokens_per_row": common.prompt_tokens(common.SEQ.value),
                   "lora_rank": common.RANK.value, "targets": common.TARGETS.value,
                   "rounds": _ROUNDS.value},
         "methods": {name or "lora_sft": {

@@ -153,6 +153,10 @@ def main(argv):
     del argv
     # before JAX starts its threads: a thread takes its malloc arena when it first allocates
     kept = host.keep_freed_memory() if _KEEP_FREED.value else False
+    try:  # before the model loads
+        prompt = common.prompt_tokens(common.SEQ.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     path = common.MODEL.value or models.default_model_path()
     result = {
         "hardware": common.device_hardware(),
@@ -162,7 +166,7 @@ def main(argv):
             "batch": common.BATCH.value,
             "seq": common.SEQ.value,
             "prompt_fraction": common.PROMPT_FRACTION.value,
-            "prompt_tokens_per_row": common.prompt_tokens(common.SEQ.value),
+            "prompt_tokens_per_row": prompt,
             "lora_rank": common.RANK.value,
             "lora_alpha": common.ALPHA.value,
             "targets": common.TARGETS.value,

@@ -113,8 +113,8 @@ def make_batches(method: str, vocab: int, batch: int, seq: int,
         ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
         labels = ids.copy()
         labels[:, :prompt_tokens] = -100
-        out[name] = {"input_ids": torch.from_numpy(ids).to(device),
-                     "attention_mask": torch.ones_like(torch.from_numpy(ids)).to(device),
+        ids_t = torch.from_numpy(ids).to(device)
+        out[name] = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
                      "labels": torch.from_numpy(labels).to(device)}
     return out
 

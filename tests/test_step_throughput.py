@@ -52,10 +52,12 @@ def test_json_reports_sizes_prompt_tokens_and_each_method(model_dir):
     assert res["methods"]["vaccine"]["declared_cost"] == "2F+2B"
 
 
-def test_a_prompt_fraction_outside_0_to_1_is_refused(model_dir):
-    proc = _run(model_dir, "--prompt_fraction", "1.0", "--torch_python=")
+@pytest.mark.parametrize("fraction", ["1.0", "-0.1", "0.99"])  # 0.99 · 16 rounds to all 16
+def test_a_prompt_fraction_that_leaves_no_response_token_is_refused(model_dir, fraction):
+    proc = _run(model_dir, "--prompt_fraction", fraction, "--torch_python=")
     assert proc.returncode != 0
-    assert "--prompt_fraction must be in [0, 1), got 1.0" in proc.stderr
+    assert (f"--prompt_fraction must be in [0, 1) and leave a response token in each row of "
+            f"--seq 16, got {float(fraction)}") in proc.stderr
 
 
 def test_both_stacks_side_by_side_with_prompt_tokens(model_dir):
