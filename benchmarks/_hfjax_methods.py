@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 
 from hfjax import defenses, host, models, sharding
+from hfjax.models import attention as attention_lib
 from hfjax.models import lora as lora_lib
 from hfjax.train import optim, state, step
 
@@ -40,6 +41,10 @@ RANK = flags.DEFINE_integer("rank", 8, "LoRA rank")
 ALPHA = flags.DEFINE_float("alpha", 16.0, "LoRA alpha")
 TARGETS = flags.DEFINE_list("targets", list(models.PROJECTIONS), "LoRA target projections")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute precision")
+ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", list(models.ATTENTION_IMPLEMENTATIONS),
+    "hfjax's attention kernel (ModelConfig.attention): auto = cuDNN flash attention on a GPU in "
+    "bf16, else XLA")
 
 
 def sizes_text() -> str:
@@ -59,6 +64,13 @@ def prompt_tokens(seq: int) -> int:
         raise ValueError(f"--prompt_fraction must be in [0, 1) and leave a response token in "
                          f"each row of --seq {seq}, got {fraction}")
     return tokens
+
+
+def attention_kernel(cfg) -> str:
+    """The kernel ("xla" or "cudnn") --attention gives cfg's training step at --seq; ValueError
+    when an explicit "cudnn" cannot run here."""
+    return attention_lib.choose_kernel(cfg.replace(attention=ATTENTION.value), dtype=cfg.dtype,
+                                       t=SEQ.value, s=SEQ.value, cached=False)
 
 
 LORA_SFT = "lora_sft"

@@ -29,16 +29,19 @@ hidden D, vocab V, H query heads of size hd; per projection p its (d_in, d_out))
   A      = 12 · H·hd · Σ_l S_l, with S_l = T (min(T, window) on a sliding-window layer): the
            Q·Kᵀ and P·V matmuls are 2 · 2·H·hd·S_l per token forward and twice that backward
            (both operands are activations, so both get gradients). The full T×S score matrix
-           is counted, without halving for causality (PaLM's convention, appendix B; hfjax
-           computes the full masked matrix, as counted).
+           is counted, without halving for causality (PaLM's convention, appendix B; hfjax's
+           XLA kernel computes the full masked matrix, as counted; cuDNN flash attention, the
+           default on a GPU in bf16 (--attention auto), and torch's SDPA skip the masked
+           upper triangle).
   LoRA SFT   = 4·N + 6·N_lora + A: a frozen kernel W costs its forward x·W (2N) and the
                activation gradient ∂y·Wᵀ (2N) but no weight gradient; the LoRA factors cost
                forward, activation gradient and weight gradient (3 · 2·N_lora). (The first
                layer's input gradient is not needed in principle; it is counted: < 1/L.)
   full FT    = 6·N + A (the usual 6N, printed for reference; not what the step does).
 Step FLOPs = LoRA SFT per token × batch · seq; achieved TFLOP/s = step FLOPs / median step
-time; MFU = achieved / peak. Model FLOPs only: recomputation (hfjax's remat of the attention
-scores and of act(g)⊙u, --remat, or torch's) is not counted, so this is MFU, not HFU.
+time; MFU = achieved / peak. Model FLOPs only: recomputation (hfjax's remat of act(g)⊙u and,
+on the XLA kernel, of the attention scores, --remat, or torch's) is not counted, so this is MFU,
+not HFU.
 Peak: bf16 dense tensor-core peak by device kind (`PEAK_BF16_TFLOPS`: H100 SXM 989, H100 PCIe
 756, H100 NVL 835, H200/GH200 989, A100 312 TFLOP/s) or --peak_tflops; MFU is n/a on a CPU or
 with --dtype float32 unless --peak_tflops is given. Both stacks run on the same device, so they
@@ -246,7 +249,7 @@ def print_text(res: dict) -> None:
           f"{_si(f['full_ft'], 'FLOP')} (reference); per step {_si(res['step_flops'], 'FLOP')}")
     print("peak: " + (f"{peak:g} TFLOP/s" if peak else
                       "n/a (not a known bf16 GPU: pass --peak_tflops for MFU)"))
-    print(_line("hfjax", res["hfjax"]))
+    print(_line("hfjax", res["hfjax"]) + f"  ({res['sizes']['attention_kernel']} attention)")
     if res["torch_peft"] is None:
         print("torch+peft  skipped: no --torch_python (or HFJAX_TORCH_PYTHON): hfjax only")
         return
@@ -266,7 +269,12 @@ def main(argv):
                              "every token, so every token must be a response token")
     name, hf_config = config_dict()
     dtype = common.DTYPE.value
-    cfg = from_hf_dict(hf_config, dtype=dtype).replace(remat=_REMAT.value)
+    cfg = from_hf_dict(hf_config, dtype=dtype).replace(remat=_REMAT.value,
+                                                       attention=common.ATTENTION.value)
+    try:
+        kernel = common.attention_kernel(cfg)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     targets = tuple(common.TARGETS.value)
     flops = flops_per_token(cfg, seq=common.SEQ.value, rank=common.RANK.value, targets=targets)
     tokens = common.BATCH.value * common.SEQ.value
@@ -285,7 +293,8 @@ def main(argv):
         "sizes": {"batch": common.BATCH.value, "seq": common.SEQ.value,
                   "lora_rank": common.RANK.value, "lora_alpha": common.ALPHA.value,
                   "targets": list(targets), "timed_steps": _STEPS.value,
-                  "warmup_steps": _WARMUP.value, "remat": _REMAT.value},
+                  "warmup_steps": _WARMUP.value, "remat": _REMAT.value,
+                  "attention": common.ATTENTION.value, "attention_kernel": kernel},
         "flops_per_token": flops,
         "flop_accounting": ("per token: LoRA SFT = 4N + 6*N_lora + A, full FT = 6N + A; "
                             "N = matmul params of the 7 projections x layers + LM head (no "

@@ -71,7 +71,8 @@ _TORCH_MALLOC_ENV = flags.DEFINE_bool(
 def hfjax_setup(path):
     """(cfg, frozen params, their shardings, LoRA init, mesh): shared by every method."""
     cfg, params = models.load_pretrained(path, dtype=jnp.dtype(common.DTYPE.value))
-    cfg = cfg.replace(dtype=common.DTYPE.value, remat=_REMAT.value, scan_unroll=_UNROLL.value)
+    cfg = cfg.replace(dtype=common.DTYPE.value, remat=_REMAT.value, scan_unroll=_UNROLL.value,
+                      attention=common.ATTENTION.value)
     return common.lora_setup(cfg, params)
 
 
@@ -175,6 +176,7 @@ def main(argv):
             "warmup_steps": _WARMUP.value,
             "remat": _REMAT.value,
             "scan_unroll": _UNROLL.value,
+            "attention": common.ATTENTION.value,
         },
         "keep_freed_memory": kept,
         "torch_malloc_env": _TORCH_MALLOC_ENV.value,
@@ -185,6 +187,10 @@ def main(argv):
         raise app.UsageError(f"--methods {unknown}: not lora_sft or a gradient defense "
                              f"({gradient_defenses()})")
     setup = hfjax_setup(path)
+    try:
+        result["sizes"]["attention_kernel"] = common.attention_kernel(setup[0])
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     for method in _METHODS.value:
         result["methods"][method] = time_method(setup, path, method)
     if _JSON.value:

@@ -111,7 +111,7 @@ def test_script_cpu_hfjax_only():
     assert res["precision"] == "bfloat16" and res["config"] == "tiny"
     assert res["sizes"] == {"batch": 2, "seq": 32, "lora_rank": 16, "lora_alpha": 32.0,
                             "targets": list(PROJECTIONS), "timed_steps": 2, "warmup_steps": 1,
-                            "remat": False}
+                            "remat": False, "attention": "auto", "attention_kernel": "xla"}
     want = _hand_count(gpu_mfu.CONFIGS["tiny"], 32, 16, PROJECTIONS)
     assert res["flops_per_token"] == want
     assert res["step_flops"] == want["lora_sft"] * 2 * 32
@@ -123,6 +123,17 @@ def test_script_cpu_hfjax_only():
     _check_stack(res["hfjax"], res["step_flops"], None)
     assert res["hfjax"]["compiles"] == 1
     assert res["torch_peft"] is None and "hfjax only" in res["torch_note"]
+
+
+def test_an_explicit_cudnn_attention_is_refused_on_this_cpu_before_any_step():
+    if jax.default_backend() == "gpu":
+        pytest.skip("this check is about a machine without a GPU")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--torch_python=",
+                           "--attention", "cudnn"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert "attention='cudnn' cannot run here: the backend is 'cpu'" in proc.stderr
+    assert "tokens/s" not in proc.stdout
 
 
 def test_script_cpu_with_torch_reference():

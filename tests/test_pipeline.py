@@ -264,10 +264,12 @@ def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     (dict(finetune_defense_hparams="rho=1"), ConfigError, "finetune_defense is none"),
     (dict(lora_targets="q_proj,attn"), ValueError, "unknown LoRA target 'attn'"),
     (dict(scan_unroll=0), ConfigError, "scan_unroll must be >= 1"),
+    (dict(attention="flash"), ConfigError, "--attention must be one of auto, xla, cudnn"),
+    (dict(dtype="float64"), ConfigError, "--dtype must be one of float32, bfloat16"),
 ], ids=["post-without-finetune", "finetune-defense-without-finetune", "p-above-1", "p-below-0",
         "mesh-too-large", "mesh-malformed", "unknown-defense", "unknown-defense-flag",
         "wrong-stage", "bad-hparam-type", "unknown-hparam", "hparams-without-defense",
-        "bad-lora-target", "scan-unroll-0"])
+        "bad-lora-target", "scan-unroll-0", "unknown-attention", "unknown-dtype"])
 def test_impossible_flag_combinations_fail_before_any_work(setup, tmp_path, changes, error,
                                                            match):
     with pytest.raises(error, match=match):
@@ -275,12 +277,14 @@ def test_impossible_flag_combinations_fail_before_any_work(setup, tmp_path, chan
     assert not (tmp_path / "bad").exists()
 
 
-def test_scan_unroll_reaches_the_model_but_not_the_stage_keys(setup, tmp_path):
-    """--scan_unroll changes how the layer loop compiles, not the results: the model config
-    carries it, and every stage key (so a cached or resumed stage) stays the same."""
+def test_scan_unroll_and_attention_reach_the_model_but_not_the_stage_keys(setup, tmp_path):
+    """--scan_unroll and --attention change how the layer loop compiles, not the results: the
+    model config carries them, and every stage key (so a cached or resumed stage) stays the
+    same."""
     plain = Pipeline(_config(setup, tmp_path / "a"))
-    unrolled = Pipeline(_config(setup, tmp_path / "a", scan_unroll=2))
+    unrolled = Pipeline(_config(setup, tmp_path / "a", scan_unroll=2, attention="xla"))
     assert plain.base.cfg.scan_unroll == 1 and unrolled.base.cfg.scan_unroll == 2
+    assert plain.base.cfg.attention == "auto" and unrolled.base.cfg.attention == "xla"
     for name in ("align", "finetune", "eval_final"):
         assert unrolled.stage(name).fingerprint == plain.stage(name).fingerprint
 

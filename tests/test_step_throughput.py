@@ -43,6 +43,7 @@ def test_json_reports_sizes_prompt_tokens_and_each_method(model_dir):
     assert (sizes["batch"], sizes["seq"], sizes["lora_rank"]) == (2, 16, 4)
     assert sizes["prompt_fraction"] == 0.5 and sizes["prompt_tokens_per_row"] == 8
     assert res["hardware"]["jax_backend"] == "cpu" and res["precision"] == "float32"
+    assert (sizes["attention"], sizes["attention_kernel"]) == ("auto", "xla")
     assert set(res["methods"]) == {"lora_sft", "vaccine"}
     for entry in res["methods"].values():
         hf = entry["hfjax"]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from hfjax.models import lora
-from hfjax.models.config import ModelConfig, ModelConfigError
+from hfjax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig, ModelConfigError
 from hfjax.models.decoder import CAPTURE_NAMES, KVCache, forward
 from hfjax.models.embedded import DefaultModelNotFoundError, default_model_path, load_default
 from hfjax.models.gguf_io import (
@@ -33,6 +33,7 @@ from hfjax.models.tokenizer import TokenizerError, TokenizerNotFoundError, load_
 from hfjax.sharding import tree_shardings
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "CAPTURE_NAMES",
     "DefaultModelNotFoundError",
     "GGUFError",

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")  # see hfjax.models.attention
 
 
 class ModelConfigError(ValueError):
@@ -32,6 +33,8 @@ class ModelConfig:
       query_pre_attn_scalar Gemma 2: attention scale is s^-1/2 instead of head_dim^-1/2.
       layer_windows         per layer sliding window (0 = global attention); Mistral uses one
                             window everywhere, Gemma 2 alternates local/global.
+    Run-time switches (not from config.json): dtype, remat, scan_unroll, and attention, the
+    attention kernel ("auto", "xla" or "cudnn": `hfjax.models.attention`).
     """
 
     model_type: str
@@ -62,10 +65,15 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     scan_unroll: int = 1  # layers per scan iteration (num_layers: fully unrolled; see BUILD_NOTES)
+    attention: str = "auto"
+
 
     def __post_init__(self):
         if not 1 <= self.scan_unroll:
             raise ModelConfigError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ModelConfigError(f"unknown attention {self.attention!r}; choose from "
+                                   f"{ATTENTION_IMPLEMENTATIONS}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(
                 f"unknown model_type {self.model_type!r}; hfjax supports {SUPPORTED_MODEL_TYPES}"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax.models import attention as attention_lib
 from hfjax.models import lora as lora_lib
 from hfjax.models.config import ModelConfig
 
@@ -29,9 +30,6 @@ CAPTURE_NAMES = ("attn_out", "mlp_out", "residual", "proj_inputs")
 attn_out: the attention block's output a_l before perturbation and the residual add;
 mlp_out: the MLP block's output m_l; residual: the residual stream h_{l+1} after the layer;
 proj_inputs: {projection name: its input activations} for all seven projections."""
-
-_NEG_INF = float(np.finfo(np.float32).min)
-
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """RoPE inverse frequencies θ^(-2i/d), with HF's 'linear' and 'llama3' scaling."""
@@ -80,35 +78,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
     if cfg.norm_weight_offset:
         return (normed * (cfg.norm_weight_offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    return x if not cap else cap * jnp.tanh(x / cap)
-
-
-def attention_mask_bias(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Array,
-                        window: jax.Array) -> jax.Array:
-    """Boolean [B, 1, 1, T, S]: causal, key not padding, within the sliding window (0: none)."""
-    delta = q_index[:, None] - k_index[None, :]
-    allowed = (delta >= 0) & ((window == 0) | (delta < window))
-    return (allowed[None] & key_valid[:, None, :])[:, None, None]
-
-
-def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
-              allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,Hq,hd], k/v [B,S,Hkv,hd] -> [B,T,Hq,hd]."""
-    b, t, hq, hd = q.shape
-    groups = hq // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(cfg.attention_scale, q.dtype)
-    scores = _softcap(scores.astype(jnp.float32), cfg.attn_logit_softcap)
-    scores = jnp.where(allowed, scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq, hd)
-
-
-_attention_remat = jax.checkpoint(attention, static_argnums=(0,))
 
 
 def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=False):
@@ -191,10 +160,9 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, forward_mode_ad, h,
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
         k_index = jnp.arange(k.shape[1])
-    allowed = attention_mask_bias(q_index, k_index, k_valid, window)
-    # rematerialized: the backward pass recomputes scores/probabilities from q, k, v instead of
-    # keeping two [B, H, T, S] float32 tensors (and the mask) per layer
-    attn = _attention_remat(cfg, q, k, v, allowed).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    allowed = attention_lib.mask(q_index, k_index, k_valid, window)
+    attn = attention_lib.attend(cfg, q, k, v, allowed, cached=kv is not None)
+    attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
     a = proj(attn, "o_proj")
     if cfg.sandwich_norms:
         a = rms_norm(a, layer["attn_post_norm"], cfg)
@@ -317,7 +285,8 @@ def forward(
     h = rms_norm(h, params["final_norm"], cfg)
     if not apply_head:
         return (h, captured) if capture else h
-    logits = _softcap(head_matmul(h, *stored_head(cfg, params)), cfg.final_logit_softcap)
+    logits = head_matmul(h, *stored_head(cfg, params))
+    logits = attention_lib.softcap(logits, cfg.final_logit_softcap)
     if kv_cache is not None:
         seen = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
         return logits, KVCache(k=new_kv[0], v=new_kv[1], valid=k_valid, index=kv_cache.index + t,

@@ -59,6 +59,9 @@ class RunConfig:
     scan_unroll: int = _f(1, "decoder layers per scan iteration (>= the layer count: fully "
                              "unrolled; ~10% faster f32 steps on CPU for ~15 s more compile "
                              "per step function, see BUILD_NOTES); results are unchanged")
+    attention: str = _f("auto", "attention kernel: cudnn (cuDNN flash attention: GPU, bf16) "
+                                "where it can run, else xla; results are unchanged up to rounding",
+                        choices=("auto", "xla", "cudnn"))
     progress: bool = _f(True, "show progress bars")
     # --- model
     model: str = _f("", "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)")
@@ -261,6 +264,11 @@ def validate(cfg: RunConfig, device_count: int | None = None) -> RunConfig:
     cfg = cfg.resolved()
     if not cfg.run_dir:
         raise ConfigError("--run_dir is required")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}, got "
+                              f"{getattr(cfg, f.name)!r}")
     if isinstance(cfg.harmful_ratio, bool) or not 0.0 <= float(cfg.harmful_ratio) <= 1.0 or \
             math.isnan(float(cfg.harmful_ratio)):
         raise ConfigError(f"--harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")

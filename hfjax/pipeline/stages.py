@@ -121,12 +121,12 @@ def make_mesh(rc: RunConfig) -> jax.sharding.Mesh:
 def load_base(rc: RunConfig, mesh: jax.sharding.Mesh) -> BaseModel:
     """The base model placed with its FSDP/tensor shardings (cached per process)."""
     path = model_path(rc)
-    key = (path, rc.dtype, rc.scan_unroll, tuple(mesh.shape.items()),
+    key = (path, rc.dtype, rc.scan_unroll, rc.attention, tuple(mesh.shape.items()),
            tuple(d.id for d in mesh.devices.flat))
     if key not in _MODELS:
         _MODELS.clear()  # one base model in memory at a time
         cfg, params = models.load_pretrained(path, dtype=jnp.dtype(rc.dtype))
-        cfg = cfg.replace(dtype=rc.dtype, scan_unroll=rc.scan_unroll)
+        cfg = cfg.replace(dtype=rc.dtype, scan_unroll=rc.scan_unroll, attention=rc.attention)
         params = jax.device_put(params, state_lib.params_shardings(cfg, mesh))
         _MODELS[key] = BaseModel(path, cfg, params, models.load_tokenizer(path))
     return _MODELS[key]
