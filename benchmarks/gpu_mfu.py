@@ -3,6 +3,7 @@
     python benchmarks/gpu_mfu.py [--config llama-3.2-1b|smollm2-1.7b|tiny | --config_json PATH]
         [--batch 8] [--seq 2048] [--rank 16] [--alpha 32] [--dtype bfloat16]
         [--steps 10] [--warmup 3] [--peak_tflops X] [--torch_python PY] [--json]
+        [--attention auto|xla|cudnn] [--scan_unroll N] [--remat]
 
 Meant for a GPU (issue 8); runs anywhere (CPU smoke test: `--config tiny --batch 2 --seq 32`).
 The model is a real configuration with random weights (no hub access): the HF config.json of
@@ -129,6 +130,8 @@ _CONFIG_JSON = flags.DEFINE_string("config_json", None,
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed warm-up steps (compilation)")
 _REMAT = flags.DEFINE_bool("remat", False, "hfjax: rematerialize each layer in the backward")
+_UNROLL = flags.DEFINE_integer("scan_unroll", 1, "hfjax: layers per scan iteration (the layer "
+                               "count unrolls fully: no per-layer weight slices, longer compile)")
 _PEAK = flags.DEFINE_float("peak_tflops", None,
                            "peak TFLOP/s for MFU (default: PEAK_BF16_TFLOPS by device kind)")
 _TORCH_PYTHON = flags.DEFINE_string(
@@ -269,8 +272,8 @@ def main(argv):
                              "every token, so every token must be a response token")
     name, hf_config = config_dict()
     dtype = common.DTYPE.value
-    cfg = from_hf_dict(hf_config, dtype=dtype).replace(remat=_REMAT.value,
-                                                       attention=common.ATTENTION.value)
+    cfg = from_hf_dict(hf_config, dtype=dtype).replace(
+        remat=_REMAT.value, attention=common.ATTENTION.value, scan_unroll=_UNROLL.value)
     try:
         kernel = common.attention_kernel(cfg)
     except ValueError as e:
@@ -294,6 +297,7 @@ def main(argv):
                   "lora_rank": common.RANK.value, "lora_alpha": common.ALPHA.value,
                   "targets": list(targets), "timed_steps": _STEPS.value,
                   "warmup_steps": _WARMUP.value, "remat": _REMAT.value,
+                  "scan_unroll": _UNROLL.value,
                   "attention": common.ATTENTION.value, "attention_kernel": kernel},
         "flops_per_token": flops,
         "flop_accounting": ("per token: LoRA SFT = 4N + 6*N_lora + A, full FT = 6N + A; "

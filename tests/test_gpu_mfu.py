@@ -111,7 +111,8 @@ def test_script_cpu_hfjax_only():
     assert res["precision"] == "bfloat16" and res["config"] == "tiny"
     assert res["sizes"] == {"batch": 2, "seq": 32, "lora_rank": 16, "lora_alpha": 32.0,
                             "targets": list(PROJECTIONS), "timed_steps": 2, "warmup_steps": 1,
-                            "remat": False, "attention": "auto", "attention_kernel": "xla"}
+                            "remat": False, "scan_unroll": 1, "attention": "auto",
+                            "attention_kernel": "xla"}
     want = _hand_count(gpu_mfu.CONFIGS["tiny"], 32, 16, PROJECTIONS)
     assert res["flops_per_token"] == want
     assert res["step_flops"] == want["lora_sft"] * 2 * 32
