@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hfjax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig
+from hfjax.models.config import ModelConfig
 
 _NEG_INF = float(np.finfo(np.float32).min)
 _CUDNN_DTYPES = ("bfloat16", "float16")
@@ -107,8 +107,9 @@ def cudnn_unsupported(cfg: ModelConfig, *, dtype, t: int, s: int, cached: bool,
         reasons.append(f"query/key lengths {t}/{s} are not even")
     if cached:
         reasons.append("it reads a KV cache (decoding)")
-    if not reasons and backend == "gpu" and _cudnn_found():
-        reasons.append(f"cuDNN is not available ({_cudnn_found()})")
+    missing = None if reasons else _cudnn_found()
+    if missing:
+        reasons.append(f"cuDNN is not available ({missing})")
     return "; ".join(reasons) or None
 
 
@@ -116,9 +117,7 @@ def choose_kernel(cfg: ModelConfig, *, dtype, t: int, s: int, cached: bool,
                    backend: str | None = None) -> str:
     """"xla" or "cudnn" for cfg.attention (module docstring). An explicit "cudnn" that cannot
     run raises ValueError naming why, except for KV-cache decoding, which always uses "xla"."""
-    choice = cfg.attention
-    if choice not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention {choice!r}; choose from {ATTENTION_IMPLEMENTATIONS}")
+    choice = cfg.attention  # one of ATTENTION_IMPLEMENTATIONS (ModelConfig checks it)
     if choice == "xla" or (choice == "cudnn" and cached):
         return "xla"
     why = cudnn_unsupported(cfg, dtype=dtype, t=t, s=s, cached=cached, backend=backend)

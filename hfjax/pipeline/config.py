@@ -18,6 +18,7 @@ from typing import Any
 
 import hfjax.defenses
 from hfjax.defenses import api as defenses_api
+from hfjax.models.config import ATTENTION_IMPLEMENTATIONS
 
 NONE = "none"
 STAGE_OF_FLAG = {"align_defense": "alignment", "finetune_defense": "finetune",
@@ -61,7 +62,7 @@ class RunConfig:
                              "per step function, see BUILD_NOTES); results are unchanged")
     attention: str = _f("auto", "attention kernel: cudnn (cuDNN flash attention: GPU, bf16) "
                                 "where it can run, else xla; results are unchanged up to rounding",
-                        choices=("auto", "xla", "cudnn"))
+                        choices=ATTENTION_IMPLEMENTATIONS)
     progress: bool = _f(True, "show progress bars")
     # --- model
     model: str = _f("", "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)")
