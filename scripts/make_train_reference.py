@@ -1,38 +1,59 @@
-"""Reference LoRA training run with PyTorch + PEFT, for hfjax's training parity test.
+"""Reference LoRA training runs with PyTorch + PEFT and HF Trainer's arithmetic, for hfjax's
+training parity test.
 
 Both sides start from the same LoRA (hfjax's `lora.init`, seed INIT_SEED, r=4, alpha=8, all
 seven projections, written with `save_peft`) on the same base (tests/fixtures/peft/base), see
-the same 20 batches (numpy, seed BATCH_SEED), and take AdamW steps with the same
-hyper-parameters (lr 1e-3 constant, betas (0.9, 0.999), eps 1e-8, no clipping; weight decay 0
-and 0.1). The loss is hfjax.train.loss's response-only mean CE in float32:
+the same 20 micro-batches (numpy, seed BATCH_SEED) and train with AdamW (betas (0.9, 0.999),
+eps 1e-8). Each run in RUNS sets what HF Trainer's `TrainingArguments` would: learning rate,
+weight decay, lr schedule and warmup ratio, max_grad_norm, gradient accumulation k. The loss
+of a micro-batch is hfjax.train.loss's response-only mean CE in float32:
 
     L = − Σ_t m_t log softmax(logits_t)[labels_{t+1}] / max(Σ_t m_t, 1)
     m_t = [labels_{t+1} ≠ −100]
 
+and one optimizer update is what `Trainer._inner_training_loop` does with a `compute_loss`
+that returns such a per-batch mean (transformers 5: `loss_is_scaled_for_ga` is then False, so
+`training_step` divides the loss by k; the model's own loss with `num_items_in_batch` would
+instead divide the summed CE of all k micro-batches by their total token count):
+
+    g = Σ_{i=1..k} ∇(L_i / k)                  one backward per micro-batch, summed in .grad
+    n = ‖g‖₂ over all trainable tensors       `clip_grad_norm_(params, c)`, c = max_grad_norm
+    g ← g · min(1, c / (n + 1e−6))            (skipped when c is None)
+    θ ← AdamW(θ, g, lr η_s);  s ← s + 1      one scheduler step per update
+    η_s = η · get_scheduler(schedule, w, U)(s),  U = 20 / k,  w = ceil(U · warmup_ratio)
+                                              (`TrainingArguments.get_warmup_steps(U)`)
+
+The optimizer is torch.optim.AdamW (Trainer's default `adamw_torch_fused` is the same update).
+
 Two steps, in this order:
 
-    /tmp/v312/bin/python scripts/make_train_reference.py --write-init \\
+    .venv/bin/python scripts/make_train_reference.py --write-init \\
         [--out tests/fixtures/train_reference]
     /tmp/v311/bin/python scripts/make_train_reference.py [--out tests/fixtures/train_reference]
 
 The first (Python 3.12 + hfjax) writes OUT/init_adapter/ with hfjax's save_peft. The second
 (torch python) loads it with `PeftModel.from_pretrained(base, init_adapter, is_trainable=True)`,
-trains once per weight decay and writes
-  reference.npz             input_ids / attention_mask / labels [STEPS, BATCH, LENGTH] (int32) and
-                            losses_wd{wd} [STEPS] (float64; the loss before each update)
-  peft_trained_wd{wd}/      the trained adapter (PEFT save_pretrained)
-  meta.json                 the run's settings and library versions
+trains once per run and writes
+  reference.npz        input_ids / attention_mask / labels [STEPS, BATCH, LENGTH] (int32);
+                       per run (float64): losses_{run} [STEPS] (each micro-batch's L, before the
+                       update it joins), grad_norms_{run} [U] (n before clipping), lrs_{run} [U]
+                       (the lr of each update); per SCHEDULE_CASES entry, schedule_{case}
+                       [total]: the lr multiplier of each update under Trainer's scheduler
+  peft_trained_{run}/  the trained adapter (PEFT save_pretrained)
+  meta.json            the runs' settings and library versions
 
 torch/transformers/peft are imported only in the torch step and jax/hfjax only in --write-init,
-so the tests can import this file for `make_batches` and `make_init_adapter`.
+so the tests can import this file for `make_batches`, `make_init_adapter` and RUNS.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +73,53 @@ PAD_ID = 0
 MIN_LEN, MIN_PROMPT, MIN_RESPONSE = 6, 2, 3
 IGNORE_INDEX = -100
 
-LEARNING_RATE = 1e-3
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-WEIGHT_DECAYS = (0.0, 0.1)
 
 
-def wd_tag(weight_decay: float) -> str:
-    """The suffix naming one run's outputs: 0.0 -> 'wd0.0', 0.1 -> 'wd0.1'."""
-    return f"wd{weight_decay}"
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One reference run, in HF TrainingArguments' terms (max_grad_norm None: no clipping)."""
+
+    name: str
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    accumulation: int = 1
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates over the STEPS micro-batches."""
+        return STEPS // self.accumulation
+
+
+RUNS = (
+    Run("wd0.0"),
+    Run("wd0.1", weight_decay=0.1),
+    Run("clip", max_grad_norm=1.0),  # ‖g‖ > 1 on every update of these batches
+    Run("linear_warmup", schedule="linear", warmup_ratio=0.1),
+    Run("accum2", accumulation=2),
+    Run("accum2_clip_linear", schedule="linear", warmup_ratio=0.1, max_grad_norm=1.0,
+        accumulation=2),
+    # clips 6 of the 10 updates: the bound sits inside the range of ‖g‖ (1.1..1.7), so only
+    # g = mean of the k micro-batch gradients (not their sum, 2.2..3.4) gives these clips
+    Run("accum2_clip1.4", max_grad_norm=1.4, accumulation=2),
+)
+RUNS_BY_NAME = {r.name: r for r in RUNS}
+
+# (schedule, total updates, warmup ratio): HF's lr multipliers, including warmups where
+# ceil(total · ratio) ≠ int(total · ratio)
+SCHEDULE_CASES = (
+    ("linear", 20, 0.1), ("linear", 25, 0.1), ("linear", 7, 0.5), ("linear", 10, 0.03),
+    ("cosine", 25, 0.1), ("cosine", 7, 0.5), ("constant", 5, 0.0),
+)
+
+
+def schedule_key(schedule: str, total: int, warmup_ratio: float) -> str:
+    """The reference.npz key of one SCHEDULE_CASES entry: 'schedule_linear_t25_w0.1'."""
+    return f"schedule_{schedule}_t{total}_w{warmup_ratio}"
 
 
 def make_batches(seed: int = BATCH_SEED) -> dict[str, np.ndarray]:
@@ -122,8 +181,33 @@ def _loss(logits, labels):
     return torch.where(mask, nll, torch.zeros_like(nll)).sum() / tokens.clamp(min=1)
 
 
-def train_peft(base: Path, init_dir: Path, batches: dict, weight_decay: float):
-    """(losses before each update, the trained PeftModel)."""
+def hf_scheduler(optimizer, schedule: str, total: int, warmup_ratio: float):
+    """The scheduler `Trainer.create_scheduler` builds: `get_scheduler(schedule, warmup, total)`
+    with warmup = `TrainingArguments(warmup_steps=warmup_ratio).get_warmup_steps(total)`."""
+    from transformers import TrainingArguments, get_scheduler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, warmup_steps=warmup_ratio, report_to="none")
+        warmup = args.get_warmup_steps(total)
+    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def schedule_multipliers(schedule: str, total: int, warmup_ratio: float) -> np.ndarray:
+    """[total] HF's lr multiplier at each update (lr 1, one scheduler step per update)."""
+    import torch
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = hf_scheduler(opt, schedule, total, warmup_ratio)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.asarray(lrs, np.float64)
+
+
+def train_peft(base: Path, init_dir: Path, batches: dict, run: Run):
+    """({losses, grad_norms, lrs}, the trained PeftModel) of HF Trainer's loop for `run`."""
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -137,9 +221,12 @@ def train_peft(base: Path, init_dir: Path, batches: dict, weight_decay: float):
     expected = 2 * len(TARGETS) * model.config.num_hidden_layers  # lora_A + lora_B per module
     if len(params) != expected or not all("lora_" in n for n in names):
         raise RuntimeError(f"unexpected trainable parameters: {names}")
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=BETAS, eps=EPS,
-                            weight_decay=weight_decay)
-    losses = []
+    opt = torch.optim.AdamW(params, lr=run.learning_rate, betas=BETAS, eps=EPS,
+                            weight_decay=run.weight_decay)
+    sched = hf_scheduler(opt, run.schedule, run.updates, run.warmup_ratio)
+    max_norm = float("inf") if run.max_grad_norm is None else run.max_grad_norm
+    out = {"losses": [], "grad_norms": [], "lrs": []}
+    opt.zero_grad(set_to_none=True)
     for i in range(STEPS):
         ids = torch.from_numpy(batches["input_ids"][i].astype(np.int64))
         mask = torch.from_numpy(batches["attention_mask"][i].astype(np.int64))
@@ -147,11 +234,16 @@ def train_peft(base: Path, init_dir: Path, batches: dict, weight_decay: float):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # = hfjax's positions_from_mask
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         loss = _loss(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return np.asarray(losses, np.float64), model
+        (loss / run.accumulation).backward()
+        out["losses"].append(float(loss.detach()))
+        if (i + 1) % run.accumulation == 0:
+            # Trainer: clip (or only measure with an infinite bound), step, schedule, zero
+            out["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            out["lrs"].append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}, model
 
 
 def _save_adapter(model, directory: Path) -> None:
@@ -161,6 +253,7 @@ def _save_adapter(model, directory: Path) -> None:
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = None  # portable: no path of this machine
+    config["target_modules"] = sorted(config["target_modules"])  # a set: PEFT's order varies
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (tmp / "README.md").unlink(missing_ok=True)
     shutil.rmtree(directory, ignore_errors=True)
@@ -182,19 +275,23 @@ def make_reference(out: Path, base: Path) -> None:
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     batches = make_batches()
     arrays = dict(batches)
-    for wd in WEIGHT_DECAYS:
-        losses, model = train_peft(base, init_dir, batches, wd)
-        arrays[f"losses_{wd_tag(wd)}"] = losses
-        _save_adapter(model, out / f"peft_trained_{wd_tag(wd)}")
-        print(f"weight_decay {wd}: losses {losses[0]:.5f} -> {losses[-1]:.5f}")
+    for case in SCHEDULE_CASES:
+        arrays[schedule_key(*case)] = schedule_multipliers(*case)
+    for run in RUNS:
+        traces, model = train_peft(base, init_dir, batches, run)
+        arrays.update({f"{k}_{run.name}": v for k, v in traces.items()})
+        _save_adapter(model, out / f"peft_trained_{run.name}")
+        norms = traces["grad_norms"]
+        print(f"{run.name}: losses {traces['losses'][0]:.5f} -> {traces['losses'][-1]:.5f}, "
+              f"grad norm {norms.min():.3f}..{norms.max():.3f}")
     tmp = out / "reference.tmp.npz"
     np.savez_compressed(tmp, **arrays)
     tmp.replace(out / "reference.npz")
     meta = {
         "init_seed": INIT_SEED, "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
         "batch_seed": BATCH_SEED, "steps": STEPS, "batch": BATCH, "length": LENGTH,
-        "learning_rate": LEARNING_RATE, "betas": list(BETAS), "eps": EPS,
-        "weight_decays": list(WEIGHT_DECAYS), "max_grad_norm": None,
+        "betas": list(BETAS), "eps": EPS, "runs": [dataclasses.asdict(r) for r in RUNS],
+        "schedule_cases": [list(c) for c in SCHEDULE_CASES],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "numpy": np.__version__},
     }

@@ -9,6 +9,7 @@ optimizer, so they see raw gradients and may call the gradient oracle passed as 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import optax
@@ -41,8 +42,10 @@ class OptimizerConfig:
 
 
 def make_schedule(c: OptimizerConfig) -> optax.Schedule:
-    """Linear warmup over warmup_ratio · total_steps optimizer updates, then the schedule."""
-    warmup = int(c.warmup_ratio * c.total_steps)
+    """Linear warmup from 0 over w = ⌈total_steps · warmup_ratio⌉ optimizer updates, then the
+    schedule over the remaining total_steps − w: HF Trainer's `get_scheduler(..., w, total)`
+    with w from `TrainingArguments.get_warmup_steps` (which rounds up)."""
+    warmup = math.ceil(c.total_steps * c.warmup_ratio)
     decay_steps = max(c.total_steps - warmup, 1)
     if c.schedule == "constant":
         main = optax.constant_schedule(c.learning_rate)
