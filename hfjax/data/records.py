@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
+from hfjax.errors import UserError
+
 
 class Record(TypedDict):
     prompt: str
@@ -33,7 +35,7 @@ class Record(TypedDict):
 OPTIONAL_FIELDS = ("input", "label", "answer", "refusal", "category")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data or a bad data request (wrong p or n, bad split, malformed row)."""
 
 

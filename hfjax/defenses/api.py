@@ -37,12 +37,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from hfjax.errors import UserError
+
 STAGES = ("alignment", "finetune", "post")
 LEVELS = ("data", "gradient", "weights")
 USER, ALIGN, HARMFUL = "user", "align", "harmful"
 
 
-class DefenseError(ValueError):
+class DefenseError(UserError, ValueError):
     """An unknown defense or a bad hyper-parameter."""
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hfjax.errors import UserError
 from hfjax.eval.qa_format import BEAVERTAILS_PROMPT, check_pairs
 
 
-class TorchNotAvailableError(ImportError):
+class TorchNotAvailableError(UserError, ImportError):
     """HFSequenceClassifierJudge needs torch and transformers, which hfjax does not depend on."""
 
 

@@ -11,11 +11,13 @@ import dataclasses
 import math
 from typing import Any
 
+from hfjax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")  # see hfjax.models.attention
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model configuration that hfjax cannot represent."""
 
 

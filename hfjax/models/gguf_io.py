@@ -30,13 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax.errors import UserError
 from hfjax.models.config import ModelConfig, ModelConfigError
 from hfjax.models.params import param_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2")
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file that hfjax cannot read or convert."""
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from hfjax.errors import UserError
 from hfjax.models.config import ModelConfig
 from hfjax.models.params import PROJECTIONS, projection_dims
 
@@ -120,7 +121,7 @@ def _branch_backward(scale, residuals, g):
 branch.defvjp(_branch_forward, _branch_backward)
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     """A LoRA adapter that is invalid or that hfjax cannot represent."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from hfjax.errors import UserError
+
 # Readable dtypes (safetensors data is little-endian).
 READ_DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),
@@ -39,7 +41,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError, ValueError):
     """A safetensors file or index that is corrupt, truncated or not readable by hfjax."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from hfjax.errors import UserError
 from hfjax.models.gguf_io import GGUFFile
 
 _TOKENIZER_FILES = (
@@ -45,11 +46,11 @@ SUPPORTED_GGUF_PRE_TOKENIZERS = _GPT2_PRE + _DIGITS_THEN_GPT2_PRE + _LLAMA3_PRE 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer source that exists but cannot be turned into a tokenizer."""
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(UserError, FileNotFoundError):
     """The path does not exist, or the folder holds no tokenizer files."""
 
 
