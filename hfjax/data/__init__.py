@@ -51,7 +51,15 @@ from hfjax.data.records import (
     prompt_key,
 )
 from hfjax.data.responses import REFUSALS, affirmative_target, templated_refusal
-from hfjax.data.sources import SOURCES, known_sources, load_rows, load_source
+from hfjax.data.sources import (
+    SOURCES,
+    SourceRequest,
+    known_sources,
+    load_rows,
+    load_source,
+    load_spec,
+    parse_source_spec,
+)
 from hfjax.data.synthetic import benign_instruction_rows, split_rows, task_rows
 from hfjax.data.templates import TEMPLATES, AlpacaTemplate, ChatTemplate, get_template
 
@@ -72,6 +80,7 @@ __all__ = [
     "MissingPackageError",
     "OfflineData",
     "Record",
+    "SourceRequest",
     "UnknownSourceError",
     "affirmative_target",
     "assert_disjoint",
@@ -91,11 +100,13 @@ __all__ = [
     "known_sources",
     "load_rows",
     "load_source",
+    "load_spec",
     "make_record",
     "mix_user_data",
     "normalize_text",
     "offline_harmful_records",
     "pad_batch",
+    "parse_source_spec",
     "prompt_key",
     "refusal_row",
     "sample",
