@@ -131,3 +131,20 @@ def test_summary_table_lists_each_run(capsys):
     assert [c.strip() for c in lines[3].strip("|").split("|")][3:5] == ["45.5", "-"]
     assert len({len(x) for x in lines}) == 1  # aligned columns
     assert format_summary(rows[0]).count("\n") == 2
+
+
+def test_atomically_written_files_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_open(tmp_path / "a.json") as f:
+            f.write("{}")
+        os.umask(0o077)
+        with atomic_open(tmp_path / "b.json") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600

@@ -1,6 +1,8 @@
 """Training core: loss, optimizer, sharded step, checkpoint resume, distributed, full FT."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from hfjax import sharding
+from hfjax.models import forward
 from hfjax.models import lora as lora_lib
 from hfjax.models import params as params_lib
 from hfjax.models.config import from_hf_dict
@@ -323,12 +326,18 @@ def test_two_process_run_matches_one_process_and_saves_the_same_peft_adapter(tmp
 
 
 def test_optimizer_receives_the_gradient_oracle_and_all_batches_as_extra_args():
+    """The oracle a chained transformation gets evaluates the real loss on the batch it names:
+    its value on the "harmful" batch equals an independent forward + CE at the same weights
+    (and differs from the loss on the "user" batch)."""
     seen = {}
+
+    def record(name, value):
+        seen[name] = float(value)
 
     def spy() -> optax.GradientTransformationExtraArgs:
         def update(updates, st, params=None, *, loss_fn, batches, rng, **_):
-            loss, _ = loss_fn(params, batches["harmful"])
-            seen["harmful_loss"] = loss
+            jax.debug.callback(record, "harmful", loss_fn(params, batches["harmful"])[0])
+            jax.debug.callback(record, "user", loss_fn(params, batches["user"])[0])
             return updates, st
         return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
 
@@ -340,5 +349,127 @@ def test_optimizer_receives_the_gradient_oracle_and_all_batches_as_extra_args():
                               frozen_shardings=frozen_sh)
     b = next(synthetic_batches(0))
     b["harmful"] = next(synthetic_batches(5))["user"]
-    fn(st, jax.device_put(BASE, frozen_sh), step.put_batches(b, mesh))
-    assert "harmful_loss" in seen
+    _, metrics = fn(st, jax.device_put(BASE, frozen_sh), step.put_batches(b, mesh))
+    jax.effects_barrier()
+    harmful = b["harmful"]
+    logits = forward(CFG, BASE, jnp.asarray(harmful["input_ids"]),
+                     jnp.asarray(harmful["attention_mask"]), lora=LORA)
+    expected, _ = token_cross_entropy(logits, jnp.asarray(harmful["labels"]))
+    assert seen["harmful"] == pytest.approx(float(expected), rel=1e-5)
+    assert seen["user"] == pytest.approx(float(metrics["loss"]), rel=1e-5)
+    assert abs(seen["harmful"] - seen["user"]) > 1e-3
+
+
+def test_a_diverged_step_stops_the_loop_naming_it_and_no_checkpoint_holds_its_state(tmp_path):
+    """Step 2 runs on base weights holding a NaN (as after an overflow): its loss is NaN; the
+    loop raises at step 2 and the last checkpoint is step 1's."""
+    mesh, fn, st, st_sh, frozen = make_run((1, 1, 1))
+    poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), frozen)
+    calls = []
+
+    def diverging(state_, frozen_, batches):
+        calls.append(1)
+        return fn(state_, poisoned if len(calls) == 2 else frozen_, batches)
+
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=3)
+    with pytest.raises(loop.NonFiniteError, match=r"training step 2: loss nan.*last checkpoint "
+                                                  r"is step 1"):
+        loop.train(diverging, st, frozen, synthetic_batches, mesh=mesh, num_steps=10,
+                   state_shardings=st_sh, checkpointer=ck, progress=False,
+                   metrics_path=tmp_path / "m.jsonl")
+    ck.close()
+    assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 1
+    assert [r["step"] for r in loop.read_metrics(tmp_path / "m.jsonl")] == [1]
+
+
+def test_skip_nonfinite_leaves_weights_and_optimizer_state_and_too_many_skips_stop(tmp_path):
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = optim.make_optimizer(OPT_CFG)
+    frozen_sh = state.params_shardings(CFG, mesh)
+    frozen = jax.device_put(BASE, frozen_sh)
+    broken = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), LORA)
+    st, st_sh = step.init_state(CFG, broken, opt, mesh=mesh, seed=0)
+    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
+                              frozen_shardings=frozen_sh, skip_nonfinite=True)
+    before = jax.device_get((st.trainable, st.opt_state))
+    after, metrics = fn(st, frozen, step.put_batches(next(synthetic_batches(0)), mesh))
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(
+            (after.trainable, after.opt_state))), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    st, _ = step.init_state(CFG, broken, opt, mesh=mesh, seed=0)
+    with pytest.raises(loop.NonFiniteError, match="training step 3: 3 steps in a row"):
+        loop.train(fn, st, frozen, synthetic_batches, mesh=mesh, num_steps=10, progress=False,
+                   max_consecutive_skips=2)
+    fine, _ = step.init_state(CFG, LORA, opt, mesh=mesh, seed=0)
+    _, metrics = fn(fine, frozen, step.put_batches(next(synthetic_batches(0)), mesh))
+    assert float(metrics["skipped"]) == 0.0
+
+
+def test_resume_after_a_crash_cuts_the_metrics_file_back_to_the_checkpoint(tmp_path):
+    """A crash (not Ctrl-C: no final checkpoint) after step 3 with checkpoints every 2 steps:
+    rows 1-3 are written, the resume restarts from step 2 and the file ends with steps 1-6 once
+    each."""
+    def crashing(start):
+        for i, b in enumerate(synthetic_batches(start)):
+            if start + i == 3:
+                raise RuntimeError("simulated crash")
+            yield b
+
+    mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=2, keep=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(fn, st0, frozen, crashing, mesh=mesh, num_steps=6, state_shardings=st_sh,
+                   checkpointer=ck, progress=False, metrics_path=tmp_path / "m.jsonl")
+    ck.close()
+    assert [r["step"] for r in loop.read_metrics(tmp_path / "m.jsonl")] == [1, 2, 3]
+    mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=2, keep=2)
+    _, rows = loop.train(fn, st0, frozen, synthetic_batches, mesh=mesh, num_steps=6,
+                         state_shardings=st_sh, checkpointer=ck, progress=False,
+                         metrics_path=tmp_path / "m.jsonl")
+    ck.close()
+    assert [r["step"] for r in rows] == [3, 4, 5, 6]
+    assert [r["step"] for r in loop.read_metrics(tmp_path / "m.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_stops_training_with_a_final_checkpoint_like_ctrl_c(tmp_path):
+    def terminated_at_step_3(start):
+        for i, b in enumerate(synthetic_batches(start)):
+            if start + i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+
+    mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", every=100, keep=1)
+    previous = signal.getsignal(signal.SIGTERM)
+    _, hist = loop.train(fn, st0, frozen, terminated_at_step_3, mesh=mesh, num_steps=10,
+                         state_shardings=st_sh, checkpointer=ck, progress=False)
+    ck.close()
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is put back
+    assert len(hist) in (3, 4)  # the signal lands while batch 4 is built or step 4 runs
+    assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == len(hist)
+
+
+def test_a_second_interrupt_during_the_final_checkpoint_is_reported_and_the_save_completes(
+        tmp_path, capsys):
+    class InterruptedAgain(checkpoint.Checkpointer):
+        def save(self, step_, state_, meta, *, force=False):
+            if force:  # the final save after Ctrl-C: the user presses Ctrl-C again
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().save(step_, state_, meta, force=force)
+
+    def interrupting(start):
+        for i, b in enumerate(synthetic_batches(start)):
+            if start + i == 2:
+                raise KeyboardInterrupt
+            yield b
+
+    mesh, fn, st0, st_sh, frozen = make_run((1, 1, 1))
+    ck = InterruptedAgain(tmp_path / "ckpt", every=100, keep=1)
+    _, hist = loop.train(fn, st0, frozen, interrupting, mesh=mesh, num_steps=10,
+                         state_shardings=st_sh, checkpointer=ck, progress=False)
+    ck.close()
+    assert len(hist) == 2 and checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 2
+    assert "a final checkpoint is being written" in capsys.readouterr().err

@@ -32,13 +32,23 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[str]]:
-    """Open a temp file next to `path`; on clean exit it replaces `path`, on error it vanishes."""
+    """Open a temp file next to `path`; on clean exit it replaces `path`, on error it vanishes.
+    The file gets the mode a plain `open` would give it (0666 less the umask), not mkstemp's
+    0600."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} for {path.name} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, encoding="utf-8") as f:
             yield f

@@ -2,7 +2,15 @@
 
 `data(start_step)` must return an iterator of {name: host-local numpy batch} that yields, from
 `start_step` on, exactly what an uninterrupted run would; that plus the restored state (with its
-rng) makes a resumed run equal an uninterrupted one.
+rng) makes a resumed run equal an uninterrupted one. On resume the metrics file is cut back to
+the restored step, so it never holds a step twice.
+
+Failures never pass for results: a step whose loss or gradient norm is not finite stops the
+loop with `NonFiniteError` naming the step, before any checkpoint of that state is written
+(with a step built with `skip_nonfinite`, such steps are skipped instead, up to
+`max_consecutive_skips` in a row). SIGTERM (what schedulers send) is handled like Ctrl-C: the
+loop writes a final checkpoint and returns; a second signal while that checkpoint is written is
+reported and otherwise ignored, so the checkpoint completes.
 
 With `overlap` (the default on accelerators) the host never stalls the device: step k + 1 is
 dispatched (JAX dispatch is asynchronous) before step k's metrics are read, so the next batch is
@@ -10,27 +18,107 @@ built, placed and queued while step k runs, and step k's row is written while st
 The loop then waits for a step before dispatching the next only where it needs that step's
 state: an evaluation, a checkpoint, the last step. On the CPU backend the default is off: the
 host's ~1 ms per step is nothing against a CPU step, the host thread shares the cores with
-XLA's, and the interleaved allocations fragment the heap (BUILD_NOTES, session 11).
+XLA's, and the interleaved allocations fragment the heap (BUILD_NOTES, "One step in flight on accelerators only").
 A row's `step_time_s` is the time from the previous step's end (or from when this step's
 batch was requested, if later) to this step's end: in steady state, the wall time per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from hfjax.errors import UserError
+from hfjax.eval.report import atomic_open
 from hfjax.train.checkpoint import Checkpointer
 from hfjax.train.state import TrainState
 from hfjax.train.step import put_batches
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A training step produced a non-finite loss or gradient norm."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred(message: str) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM print `message` and are otherwise ignored (the block
+    is a final checkpoint write that must complete)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def report(signum, frame):
+        print(message, file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, report) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check_finite_tree(tree, what: str) -> None:
+    """Raise NonFiniteError if any floating leaf of `tree` holds a NaN or an infinity."""
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+           if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(x)))]
+    if bad:
+        raise NonFiniteError(f"{what} holds non-finite values (in {', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''})")
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:
+    """Keep the rows of a metrics JSONL file with step <= last_step (atomically); returns how
+    many rows were dropped. A torn last line (a kill while writing it) is dropped too."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_open(path) as f:
+            f.write("".join(k + "\n" for k in kept))
+    return dropped
 
 
 def train(
@@ -48,12 +136,15 @@ def train(
     eval_every: int = 0,
     progress: bool = True,
     overlap: bool | None = None,
+    max_consecutive_skips: int = 10,
 ) -> tuple[TrainState, list[dict]]:
     """Run until `num_steps` steps are done; returns (state, per-step metrics of this run).
 
     `eval_fn(state, step)` runs every `eval_every` steps on the state after that step; its
     results join that step's row as `eval/<name>` (outside the row's `step_time_s`).
     `overlap`: keep one step in flight (None: on unless the mesh's devices are CPUs).
+    Raises `NonFiniteError` at the first non-finite step (or after `max_consecutive_skips`
+    skipped steps in a row, with a step built with `skip_nonfinite`).
     """
     if overlap is None:
         overlap = mesh.devices.flat[0].platform != "cpu"
@@ -61,18 +152,45 @@ def train(
     if checkpointer is not None and checkpointer.latest_step() is not None:
         if state_shardings is None:
             raise ValueError("resuming from a checkpoint needs state_shardings")
-        state, meta = checkpointer.restore(jax.eval_shape(lambda: state), state_shardings)
-        start = int(meta["next_step"])
+        restored = checkpointer.restore_latest(jax.eval_shape(lambda: state), state_shardings)
+        if restored is not None:
+            state, meta = restored
+            start = int(meta["next_step"])
+    writes_metrics = metrics_path is not None and jax.process_index() == 0  # one file per run
+    if writes_metrics:
+        truncate_metrics(metrics_path, start)
     history: list[dict] = []
-    log = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
+    log = open(metrics_path, "a") if writes_metrics else None  # noqa: SIM115
     bar = tqdm(total=num_steps, initial=start, disable=not progress, dynamic_ncols=True,
                desc="train")
     last_end = [time.perf_counter()]
     inflight: list[dict] = []  # dispatched steps whose rows are not written yet, oldest first
+    skipped_in_a_row = [0]
+
+    def check_finite(step: int, metrics: dict) -> None:
+        saved = checkpointer.latest_step() if checkpointer is not None else None
+        last_good = (f"the last checkpoint is step {saved}" if saved
+                     else "no checkpoint was written")
+        if metrics.get("skipped"):
+            skipped_in_a_row[0] += 1
+            if skipped_in_a_row[0] > max_consecutive_skips:
+                raise NonFiniteError(
+                    f"training step {step}: {skipped_in_a_row[0]} steps in a row had a "
+                    f"non-finite loss or gradient norm and were skipped; stopping ({last_good})")
+            return
+        skipped_in_a_row[0] = 0
+        bad = [f"{k} {metrics[k]}" for k in ("loss", "grad_norm")
+               if k in metrics and not math.isfinite(metrics[k])]
+        if bad:
+            raise NonFiniteError(
+                f"training step {step}: {' and '.join(bad)} (not finite): the training "
+                f"diverged; lower the learning rate, or skip such steps with --nonfinite=skip "
+                f"({last_good})")
 
     def complete(p: dict) -> dict:
-        """Wait for the dispatched step `p`; its row, timed to its end."""
+        """Wait for the dispatched step `p`; its row, timed to its end. Non-finite: raise."""
         metrics = {k: float(v) for k, v in jax.device_get(p["metrics"]).items()}
+        check_finite(p["step"], metrics)
         end = time.perf_counter()
         dt = end - max(last_end[0], p["requested"])
         last_end[0] = end
@@ -92,36 +210,40 @@ def train(
 
     step = start
     try:
-        batches_iter = data(start)
-        while step < num_steps:
-            requested = time.perf_counter()
-            host_batches = next(batches_iter)
-            tokens = sum(int(np.sum(b["attention_mask"])) for b in host_batches.values())
-            state, metrics = step_fn(state, frozen, put_batches(host_batches, mesh))
-            step += 1
-            inflight.append({"step": step, "metrics": metrics, "tokens": tokens,
-                             "requested": requested})
-            if len(inflight) > 1:  # step k's row while step k + 1 runs
-                emit(complete(inflight[0]))
-                del inflight[0]
-            evaluate = eval_fn is not None and eval_every > 0 and step % eval_every == 0
-            save = checkpointer is not None and checkpointer.due(step)
-            if not overlap or evaluate or save or step == num_steps:  # this step's state
-                row = complete(inflight[0])
-                if evaluate:
-                    row.update({f"eval/{k}": v for k, v in eval_fn(state, step).items()})
-                emit(row)
-                del inflight[0]
-                if save:
-                    checkpointer.save(step, state, {"next_step": step})
-        if checkpointer is not None and checkpointer.latest_step() != step:
-            checkpointer.save(step, state, {"next_step": step}, force=True)
+        with _sigterm_as_interrupt():
+            batches_iter = data(start)
+            while step < num_steps:
+                requested = time.perf_counter()
+                host_batches = next(batches_iter)
+                tokens = sum(int(np.sum(b["attention_mask"])) for b in host_batches.values())
+                state, metrics = step_fn(state, frozen, put_batches(host_batches, mesh))
+                step += 1
+                inflight.append({"step": step, "metrics": metrics, "tokens": tokens,
+                                 "requested": requested})
+                if len(inflight) > 1:  # step k's row while step k + 1 runs
+                    emit(complete(inflight[0]))
+                    del inflight[0]
+                evaluate = eval_fn is not None and eval_every > 0 and step % eval_every == 0
+                save = checkpointer is not None and checkpointer.due(step)
+                if not overlap or evaluate or save or step == num_steps:  # this step's state
+                    row = complete(inflight[0])
+                    if evaluate:
+                        row.update({f"eval/{k}": v for k, v in eval_fn(state, step).items()})
+                    emit(row)
+                    del inflight[0]
+                    if save:
+                        checkpointer.save(step, state, {"next_step": step})
+            if checkpointer is not None and checkpointer.latest_step() != step:
+                checkpointer.save(step, state, {"next_step": step}, force=True)
     except KeyboardInterrupt:
-        for p in inflight:
-            emit(complete(p))
-        bar.write(f"interrupted at step {step}: writing a final checkpoint")
-        if checkpointer is not None and checkpointer.latest_step() != step:
-            checkpointer.save(step, state, {"next_step": step}, force=True)
+        with _signals_deferred("a final checkpoint is being written; it finishes first"):
+            for p in inflight:
+                emit(complete(p))
+            bar.write(f"interrupted at step {step}: writing a final checkpoint")
+            if checkpointer is not None and checkpointer.latest_step() != step:
+                checkpointer.save(step, state, {"next_step": step}, force=True)
+            if checkpointer is not None:
+                checkpointer.wait()
     finally:
         bar.close()
         if log is not None:

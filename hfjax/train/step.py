@@ -139,12 +139,16 @@ def make_train_step(
     primary_phase: Callable | None = None,
     activation_grads: bool = False,
     primary_perturb: Callable | None = None,
+    skip_nonfinite: bool = False,
 ) -> CompileCounter:
     """Build the jitted, sharded, state-donating train step.
 
     primary_phase, activation_grads, primary_perturb: what a gradient defense needs from the
     step's own forward+backward (see `primary_gradient`); take them from
     `hfjax.defenses.step_options(name, **hparams).step_kwargs()`.
+    skip_nonfinite: a step whose loss or gradient norm is not finite leaves the trainable
+    weights and the optimizer state as they were (the step counter and rng still advance, so
+    the next step sees the next batch); its metrics row has `skipped` 1.
     """
     defense_options = dict(primary=primary, primary_phase=primary_phase,
                            activation_grads=activation_grads, primary_perturb=primary_perturb)
@@ -158,12 +162,19 @@ def make_train_step(
                                               loss_fn=loss_fn, batches=batches, rng=sub,
                                               cfg=cfg, frozen=frozen, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             "tokens": aux["tokens"],
             "accuracy": aux["accuracy"],
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
         }
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            trainable, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (trainable, opt_state), (state.trainable, state.opt_state))
+            metrics["skipped"] = (~finite).astype(jnp.float32)
         if learning_rate_fn is not None:
             metrics["lr"] = learning_rate_fn(state.step // accumulation_steps)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
