@@ -11,6 +11,7 @@ and attacked models), worst_case.csv (the worst attack setting per defense) and 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
@@ -19,9 +20,11 @@ import jax
 from absl import app
 
 from experiments import _common
+from hfjax.errors import UserError
 from hfjax.pipeline import Pipeline, report
 from hfjax.pipeline import flags as pflags
 from hfjax.pipeline import sweep as sweep_lib
+from hfjax.pipeline.lock import folder_lock
 
 sweep_lib.define()
 FLAGS = _common.FLAGS
@@ -41,23 +44,31 @@ def main(argv):
                   f"n {rc.num_samples}, lr {rc.lr:g}, seed {rc.seed}")
         return
     failed = []
-    for i, (combo, rc) in enumerate(configs):
-        print(f"\n=== run {i + 1}/{len(configs)}: {combo or '(single)'} -> {rc.run_dir}",
-              flush=True)
-        try:
-            Pipeline(rc).run()
-        except KeyboardInterrupt:
-            raise
-        except Exception:
-            if not FLAGS.keep_going:
+    root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(root / ".sweep.lock", f"sweep folder {root}") if \
+            jax.process_index() == 0 else contextlib.nullcontext():
+        for i, (combo, rc) in enumerate(configs):
+            print(f"\n=== run {i + 1}/{len(configs)}: {combo or '(single)'} -> {rc.run_dir}",
+                  flush=True)
+            try:
+                Pipeline(rc).run()
+            except KeyboardInterrupt:
                 raise
-            traceback.print_exc()
-            failed.append(rc.run_dir)
-    results = report.load_results([rc.run_dir for _, rc in configs])
-    if results:
-        print("\n" + report.write_sweep_report(results, root))
-        print(f"report: {root / 'results.md'}, {root / 'results.csv'}, "
-              f"{root / 'hs_fa_vs_p.png'}")
+            except Exception as e:
+                if not FLAGS.keep_going:
+                    raise
+                if isinstance(e, UserError | OSError) and not _common.show_tracebacks():
+                    print(f"run {rc.run_dir} failed: {_common.describe(e)}", file=sys.stderr,
+                          flush=True)
+                else:
+                    traceback.print_exc()
+                failed.append(rc.run_dir)
+        results = report.load_results([rc.run_dir for _, rc in configs
+                                       if rc.run_dir not in failed])
+        if results:
+            print("\n" + report.write_sweep_report(results, root))
+            print(f"report: {root / 'results.md'}, {root / 'results.csv'}, "
+                  f"{root / 'hs_fa_vs_p.png'}")
     print(f"sweep wall time {time.perf_counter() - start:.1f} s ({len(configs)} runs, "
           f"{len(failed)} failed)")
     if failed:
@@ -66,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run_main(main)

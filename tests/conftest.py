@@ -14,3 +14,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for a module (and its subprocesses), for modules that run the
+    pipeline: the stages build the same train step and generation loop many times; each
+    compiles once. Pipeline modules use it with `pytestmark = usefixtures(...)`."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    folder = tmp_path_factory.mktemp("xla")
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    cc.reset_cache()
+    jax.config.update(keys[0], str(folder))
+    jax.config.update(keys[1], 0.0)
+    yield folder
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()

@@ -10,9 +10,11 @@ import pytest
 from hfjax.eval.metrics import (
     accuracy,
     contains_label,
+    degenerate_share,
     extract_final_number,
     gsm8k_correct,
     harmful_score,
+    is_degenerate,
     label_accuracy,
     math_accuracy,
     parse_number,
@@ -145,3 +147,21 @@ def test_harmful_score_rejects_bad_scores():
         harmful_score([0.5, 1.2])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         harmful_score([np.nan])
+
+
+# ------------------------------------------------------------------------------ degenerate
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ("", True), ("   \n", True), ("...!?", True), ("the the the the", True), ("aaaaaa", True),
+    ("Sure, here is", False), ("No.", False), ("ok ok", False), ("42", False),
+    ("I cannot help with that.", False), ("yes yes yes no", False),
+])
+def test_degenerate_answers_are_empty_symbol_only_or_one_repeated_word(answer, expected):
+    assert is_degenerate(answer) is expected
+
+
+def test_degenerate_share_is_the_fraction_of_degenerate_answers():
+    assert degenerate_share(["", "Sure", "!!!", "I cannot"]) == 0.5
+    with pytest.raises(ValueError, match="no examples"):
+        degenerate_share([])

@@ -27,6 +27,7 @@ from hfjax.pipeline.config import validate
 from hfjax.pipeline.run_folder import StageMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = ["film", "movie", "phone", "coffee", "hotel", "plot", "song", "book", "game", "meal"]
@@ -43,24 +44,6 @@ def _rows():
     benign = [{"instruction": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
               for a in range(2, 8) for b in range(2, 8)]
     return harm, sst, benign
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module (and its subprocesses): the stages build the same
-    train step and generation loop many times; each compiles once."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    folder = tmp_path_factory.mktemp("xla")
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    cc.reset_cache()
-    jax.config.update(keys[0], str(folder))
-    jax.config.update(keys[1], 0.0)
-    yield folder
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
 
 
 def _run_binary(args: list[str], cache: Path, timeout: int = 300):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax.errors import UserError
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import KVCache, forward
 
@@ -127,6 +128,10 @@ def _generate(
     return buf[:, p:]
 
 
+class ContextLengthError(UserError, ValueError):
+    """A prompt plus its generation budget does not fit the model's context."""
+
+
 def generate(
     cfg: ModelConfig,
     params: dict,
@@ -151,6 +156,11 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    longest = max((len(x) for x in prompts), default=0)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ContextLengthError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {cfg.max_position_embeddings} tokens")
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     pad = (
         pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)

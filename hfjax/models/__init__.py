@@ -72,6 +72,12 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelConfigError(f"model path {path} is a file but not a .gguf; pass a .gguf file "
+                               f"or the folder that holds config.json and the *.safetensors")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelConfigError(f"model folder {path} has no config.json (an HF model folder "
+                               f"holds config.json and *.safetensors; or pass a .gguf file)")
     if path.suffix == ".gguf":
         cfg, params = load_gguf(path, dtype=dtype)
         if mesh is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import hfjax.defenses
 from hfjax.defenses import api as defenses_api
+from hfjax.errors import UserError
 from hfjax.models.config import ATTENTION_IMPLEMENTATIONS
 
 NONE = "none"
@@ -35,7 +36,7 @@ def load_defenses() -> None:
 load_defenses()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An impossible or malformed experiment setting."""
 
 
@@ -76,8 +77,10 @@ class RunConfig:
     offline_task: str = _f("sentiment", "offline benign task: sentiment or topic",
                            choices=("sentiment", "topic"))
     data_seed: int = _f(0, "seed of the offline data splits (kept fixed across a seed sweep)")
-    harmful_train_data: str = _f("", "harmful train rows: SOURCE:SPLIT or SOURCE:PATH "
-                                     "(e.g. beavertails:30k_train); empty: the --data default")
+    harmful_train_data: str = _f("", "harmful train rows: SOURCE:SPLIT or SOURCE:PATH, "
+                                     "optionally ?KEY=VALUE,... (e.g. beavertails:30k_train, "
+                                     "custom:mine.jsonl?prompt=question,response=answer); "
+                                     "empty: the --data default")
     harmful_eval_data: str = _f("", "harmful evaluation prompts (e.g. beavertails:30k_test)")
     task_train_data: str = _f("", "benign user-task rows (e.g. sst2:train)")
     task_test_data: str = _f("", "task test rows for FA (e.g. sst2:validation)")
@@ -111,6 +114,10 @@ class RunConfig:
     warmup_ratio: float = _f(0.0, "warmup fraction of the steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(0.0, "clip the global gradient norm (0: off)")
+    nonfinite: str = _f("error", "a training step whose loss or gradient norm is not finite: "
+                                 "error (stop the stage; it is not marked done) or skip (leave "
+                                 "the weights as they were; 10 such steps in a row stop the "
+                                 "stage)", choices=("error", "skip"))
     # --- post-fine-tuning stage
     repair_defense: str = _f(NONE, "post-fine-tuning defense (registry name) or none")
     repair_defense_hparams: str = _f("", "its hyper-parameters")

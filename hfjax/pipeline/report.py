@@ -4,7 +4,9 @@ ratio per defense, and the worst case over attack settings per defense.
 A run's `results.json` (written by `Pipeline.write_results`) holds its settings and one row per
 evaluated model (base = unaligned, aligned, final = after the attack and the defense). Tables
 put one run per line with HS and FA of each model: HS = share of held-out harmful prompts the
-judge flags, FA = task accuracy, both in %.
+judge flags, FA = task accuracy, both in %. Next to HS stands the share of empty or degenerate
+answers to the harmful prompts: the judges score those as safe, so a broken model would
+otherwise read as a perfect defense.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def wide_rows(results: Sequence[Mapping]) -> list[dict]:
         for m in MODELS:
             row[f"hs_{m}"] = by.get(m, {}).get("harmful_score")
             row[f"fa_{m}"] = by.get(m, {}).get("finetune_accuracy")
+            row[f"degenerate_{m}"] = by.get(m, {}).get("degenerate_share")
         row["judge"] = next((r["judge"] for r in res["rows"]), None)
         row["run_dir"] = res["run_dir"]
         rows.append(row)
@@ -79,7 +82,8 @@ def long_rows(results: Sequence[Mapping]) -> list[dict]:
         for r in res["rows"]:
             rows.append({**{k: s.get(k) for k in SETTING_COLUMNS}, "model": r["model"],
                          "label": r["label"], "harmful_score": r["harmful_score"],
-                         "finetune_accuracy": r["finetune_accuracy"], "judge": r["judge"],
+                         "finetune_accuracy": r["finetune_accuracy"],
+                         "degenerate_share": r.get("degenerate_share"), "judge": r["judge"],
                          "task": r["task"], "run_dir": res["run_dir"]})
     return rows
 
@@ -96,20 +100,22 @@ def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def run_table(res: Mapping) -> str:
     """One run: a line per evaluated model (unaligned / aligned / attacked+defense)."""
     s = res["settings"]
-    body = [[r["label"], _pct(r["harmful_score"]), _pct(r["finetune_accuracy"]), r["judge"],
-             r["task"]] for r in res["rows"]]
+    body = [[r["label"], _pct(r["harmful_score"]), _pct(r.get("degenerate_share")),
+             _pct(r["finetune_accuracy"]), r["judge"], r["task"]] for r in res["rows"]]
     head = (f"defense {s['defense']}, p = {s['harmful_ratio']}, n = {s['num_samples']}, "
             f"lr = {s['lr']}, epochs = {s['epochs']}, seed = {s['seed']}\n\n")
-    return head + _markdown(["model", "HS (%)", "FA (%)", "judge", "task"], body)
+    return head + _markdown(["model", "HS (%)", "empty/degenerate (%)", "FA (%)", "judge",
+                             "task"], body)
 
 
 def sweep_table(results: Sequence[Mapping]) -> str:
     """All runs: settings and HS/FA of the unaligned, aligned and attacked(+defense) models."""
     header = ["defense", "p", "n", "lr", "epochs", "seed", "HS unaligned", "HS aligned",
-              "HS attacked", "FA unaligned", "FA aligned", "FA attacked"]
+              "HS attacked", "degenerate attacked", "FA unaligned", "FA aligned", "FA attacked"]
     body = [[str(r["defense"]), str(r["harmful_ratio"]), str(r["num_samples"]), f"{r['lr']:g}",
              str(r["epochs"]), str(r["seed"]), *(_pct(r[f"hs_{m}"]) for m in MODELS),
-             *(_pct(r[f"fa_{m}"]) for m in MODELS)] for r in wide_rows(results)]
+             _pct(r["degenerate_final"]), *(_pct(r[f"fa_{m}"]) for m in MODELS)]
+            for r in wide_rows(results)]
     return _markdown(header, body)
 
 
@@ -127,14 +133,16 @@ def worst_case(results: Sequence[Mapping]) -> list[dict]:
         n = sum(1 for x in wide_rows(results) if x["defense"] == defense
                 and x["hs_final"] is not None)
         out.append({"defense": defense, "worst_hs": r["hs_final"], "fa_there": r["fa_final"],
-                    "settings_tried": n, **{k: r[k] for k in ATTACK_SETTINGS}})
+                    "degenerate_there": r["degenerate_final"], "settings_tried": n,
+                    **{k: r[k] for k in ATTACK_SETTINGS}})
     return out
 
 
 def worst_case_table(results: Sequence[Mapping]) -> str:
-    header = ["defense", "worst HS (%)", "FA there (%)", "p", "n", "lr", "epochs", "seed",
-              "settings tried"]
-    body = [[w["defense"], _pct(w["worst_hs"]), _pct(w["fa_there"]), str(w["harmful_ratio"]),
+    header = ["defense", "worst HS (%)", "degenerate there (%)", "FA there (%)", "p", "n", "lr",
+              "epochs", "seed", "settings tried"]
+    body = [[w["defense"], _pct(w["worst_hs"]), _pct(w["degenerate_there"]), _pct(w["fa_there"]),
+             str(w["harmful_ratio"]),
              str(w["num_samples"]), f"{w['lr']:g}", str(w["epochs"]), str(w["seed"]),
              str(w["settings_tried"])] for w in worst_case(results)]
     return _markdown(header, body)
@@ -185,7 +193,10 @@ def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -
     out.mkdir(parents=True, exist_ok=True)
     text = ("## Results\n\nHS: % of held-out harmful prompts the judge flags; FA: task "
             "accuracy (%). unaligned = base model, aligned = after the alignment stage, "
-            "attacked = after fine-tuning on the user data (with the run's defense).\n\n"
+            "attacked = after fine-tuning on the user data (with the run's defense). "
+            "degenerate attacked: % of the attacked model's answers to the harmful prompts that "
+            "are empty or degenerate (judged safe; a high share means a broken model, not a "
+            "defense).\n\n"
             + sweep_table(results) + "\n\n## Worst case over attack settings per defense\n\n"
             + worst_case_table(results) + "\n")
     write_text(out / "results.md", text)

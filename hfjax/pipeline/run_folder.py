@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hfjax.errors import UserError
 from hfjax.eval.report import atomic_open
 
 DONE = "DONE"
@@ -34,7 +35,7 @@ PACKAGES = ("hfjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tran
             "tokenizers", "datasets", "safetensors", "numpy", "absl-py")
 
 
-class StageMismatchError(ValueError):
+class StageMismatchError(UserError, ValueError):
     """A stage folder holds artifacts made with other settings."""
 
 
@@ -67,9 +68,25 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def _flat(key: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in key.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _diff(old: Mapping, new: Mapping) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    """What differs between two keys, as 'dotted.name: old -> new' (digests shortened)."""
+    def show(v: Any) -> str:
+        return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
+
+    old, new = _flat(old), _flat(new)
+    return [f"{k}: {show(old.get(k))} -> {show(new.get(k))}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
 
 
 class StageDir:
@@ -99,9 +116,19 @@ class StageDir:
                 + "); pass --overwrite to redo it, or use another --run_dir")
 
     def begin(self, overwrite: bool) -> Path:
-        """Prepare the folder for (re)running the stage; keeps checkpoints of the same key."""
+        """Prepare the folder for (re)running the stage; keeps checkpoints of the same key. An
+        unfinished stage folder made with other settings (no DONE) is discarded with a message:
+        its checkpoints cannot serve these settings."""
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
+        key_file = self.path / KEY
+        if key_file.is_file() and not (self.path / DONE).exists():
+            try:
+                self.check_key(read_json(key_file))
+            except (StageMismatchError, ValueError):
+                print(f"discarding the unfinished stage folder {self.path}, made with other "
+                      f"settings", flush=True)
+                shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if self.link != self.path:
             self.link.parent.mkdir(parents=True, exist_ok=True)

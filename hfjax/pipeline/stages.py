@@ -15,6 +15,7 @@ per process, so a sweep loads the base model once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -30,11 +31,21 @@ import numpy as np
 from hfjax import data as data_lib
 from hfjax import models, sharding
 from hfjax.defenses import api as defenses_api
+from hfjax.errors import UserError
 from hfjax.eval import judges as judges_lib
 from hfjax.eval import metrics as metrics_lib
 from hfjax.eval import report as report_lib
 from hfjax.eval.generate import greedy_generate
-from hfjax.pipeline.config import NONE, ConfigError, RunConfig, parse_hparams, validate
+from hfjax.pipeline import inputs as inputs_lib
+from hfjax.pipeline.config import (
+    MODEL_NAMES,
+    NONE,
+    ConfigError,
+    RunConfig,
+    parse_hparams,
+    validate,
+)
+from hfjax.pipeline.lock import folder_lock
 from hfjax.pipeline.run_folder import (
     StageDir,
     StageMismatchError,
@@ -57,7 +68,7 @@ class StageInterrupted(KeyboardInterrupt):
     """Training stopped before its last step (a checkpoint was written; rerun to resume)."""
 
 
-class MissingStageError(FileNotFoundError):
+class MissingStageError(UserError, FileNotFoundError):
     """A stage needs the artifacts of an earlier stage that has not run."""
 
 
@@ -121,8 +132,8 @@ def make_mesh(rc: RunConfig) -> jax.sharding.Mesh:
 def load_base(rc: RunConfig, mesh: jax.sharding.Mesh) -> BaseModel:
     """The base model placed with its FSDP/tensor shardings (cached per process)."""
     path = model_path(rc)
-    key = (path, rc.dtype, rc.scan_unroll, rc.attention, tuple(mesh.shape.items()),
-           tuple(d.id for d in mesh.devices.flat))
+    key = (path, inputs_lib.model_digest(path), rc.dtype, rc.scan_unroll, rc.attention,
+           tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
     if key not in _MODELS:
         _MODELS.clear()  # one base model in memory at a time
         cfg, params = models.load_pretrained(path, dtype=jnp.dtype(rc.dtype))
@@ -132,20 +143,10 @@ def load_base(rc: RunConfig, mesh: jax.sharding.Mesh) -> BaseModel:
     return _MODELS[key]
 
 
-def _parse_source(spec: str) -> tuple[str, str | None, str | None]:
-    """'NAME:SPLIT' or 'NAME:PATH' (a path is an existing file or has a data-file suffix)."""
-    name, sep, rest = spec.partition(":")
-    if not sep or not name or not rest:
-        raise ConfigError(f"data source {spec!r}: expected NAME:SPLIT or NAME:PATH, e.g. "
-                          f"beavertails:30k_train or sst2:/data/sst2.parquet")
-    is_path = Path(rest).expanduser().is_file() or Path(rest).suffix.lower() in \
-        data_lib.sources.FILE_BUILDERS
-    return (name, None, rest) if is_path else (name, rest, None)
-
-
 def _load_role(spec: str, harmful: bool | None) -> list:
-    name, split, path = _parse_source(spec)
-    rows = data_lib.load_source(name, split, path=path)
+    """The records of one data role's source spec (custom files default to the role's harmful
+    flag), keeping the rows whose flag fits the role."""
+    rows = data_lib.load_spec(spec, default_harmful=harmful)
     if harmful is not None:
         rows = [r for r in rows if r["harmful"] == harmful]
     if not rows:
@@ -169,15 +170,22 @@ def _metric_for(spec: str) -> str:
     return {"sst2": "sst2", "ag_news": "agnews", "gsm8k": "gsm8k"}.get(name, "offline")
 
 
-def data_key(rc: RunConfig) -> dict:
-    return {f: getattr(rc, f) for f in (
-        "data", "offline_task", "data_seed", "harmful_train_data", "harmful_eval_data",
-        "task_train_data", "task_test_data", "align_benign_data", "task_metric")}
+TRAIN_ROLES = ("harmful_train", "task_train", "align_benign")
+EVAL_ROLES = ("harmful_eval", "task_test")
+
+
+def data_key(rc: RunConfig, roles: Sequence[str] = TRAIN_ROLES + EVAL_ROLES) -> dict:
+    """The data flags that decide the records of `roles` (content digests are added by
+    `Pipeline.data_key`)."""
+    flags = ["data", "offline_task", "data_seed", *(f"{r}_data" for r in roles)]
+    if "task_test" in roles:
+        flags.append("task_metric")
+    return {f: getattr(rc, f) for f in flags}
 
 
 def load_datasets(rc: RunConfig) -> Datasets:
     """Every role's records: the offline default, with any role replaced by a source flag."""
-    key = fingerprint(data_key(rc))
+    key = fingerprint({**data_key(rc), "files": _data_file_digests(rc)})
     if key in _DATA:
         return _DATA[key]
     roles = {"harmful_train": (rc.harmful_train_data, True),
@@ -203,6 +211,19 @@ def load_datasets(rc: RunConfig) -> Datasets:
                               "align_benign": out["align_benign"]})
     _DATA[key] = Datasets(**out, task_metric=metric)
     return _DATA[key]
+
+
+def _data_file_digests(rc: RunConfig) -> dict:
+    """Digests of the local data files the role flags name (a file replaced in place must not
+    be served from this process's cache)."""
+    out = {}
+    for role in TRAIN_ROLES + EVAL_ROLES:
+        spec = getattr(rc, f"{role}_data")
+        if spec:
+            path = data_lib.parse_source_spec(spec).path
+            if path and Path(path).expanduser().is_file():
+                out[role] = inputs_lib.file_digest(Path(path).expanduser())
+    return out
 
 
 # --------------------------------------------------------------------------- defenses
@@ -257,6 +278,31 @@ def pad_to_common_length(batches: dict[str, dict]) -> dict[str, dict]:
     return {n: pad(b) for n, b in batches.items()}
 
 
+def loss_token_census(records: Sequence[Mapping], examples: Sequence[data_lib.Example],
+                      what: str) -> dict:
+    """Rows and loss tokens of a training set: {rows, loss_tokens, rows_without_loss_tokens,
+    harmful_rows, harmful_rows_without_loss_tokens}. A row whose response was cut away by
+    --max_length trains nothing; a set with no loss token at all is an error (the stage would
+    "train" on nothing and report the result as a finding)."""
+    counts = [int(np.sum(ex.labels[1:] != data_lib.IGNORE_INDEX)) for ex in examples]
+    harmful = [bool(r.get("harmful")) for r in records]
+    census = {"rows": len(counts), "loss_tokens": int(sum(counts)),
+              "rows_without_loss_tokens": sum(c == 0 for c in counts),
+              "harmful_rows": sum(harmful),
+              "harmful_rows_without_loss_tokens": sum(c == 0 and h for c, h in
+                                                      zip(counts, harmful, strict=True))}
+    if census["loss_tokens"] == 0:
+        raise data_lib.DataError(
+            f"{what} have no response token left to train on ({len(counts)} rows; every "
+            f"response was cut away by --max_length or is empty): raise --max_length or "
+            f"shorten the prompts")
+    if census["rows_without_loss_tokens"]:
+        print(f"warning: {census['rows_without_loss_tokens']} of {len(counts)} of {what} "
+              f"({census['harmful_rows_without_loss_tokens']} harmful) keep no response token "
+              f"after cutting to --max_length and train nothing", flush=True)
+    return census
+
+
 def buckets(max_length: int, step: int = 16) -> tuple[int, ...]:
     """Batch lengths: multiples of `step` below max_length, then max_length."""
     return tuple(range(step, max_length, step)) + (max_length,)
@@ -280,6 +326,7 @@ class Pipeline:
                          ("align_defense", "finetune_defense", "repair_defense")}
         self._redone: set[str] = set()
         self._aligned: dict | None = None
+        self._digests: dict[str, str] = {}
         self.main_process = jax.process_index() == 0
 
     # ------------------------------------------------------------ lazily loaded state
@@ -292,13 +339,37 @@ class Pipeline:
         return load_datasets(self.rc)
 
     # ------------------------------------------------------------ stage keys
+    def _digest(self, name: str, compute: Callable[[], str]) -> str:
+        if name not in self._digests:
+            self._digests[name] = compute()
+        return self._digests[name]
+
+    def model_key(self) -> dict:
+        """The base model by content (and dtype)."""
+        return {"sha256": self._digest("model", lambda: inputs_lib.model_digest(
+            model_path(self.rc))), "dtype": self.rc.dtype}
+
+    def data_key(self, roles: Sequence[str]) -> dict:
+        """The data flags of `roles` and the content digests of their loaded records."""
+        return {**data_key(self.rc, roles), "content": {
+            r: self._digest(f"data:{r}", lambda r=r: inputs_lib.records_digest(
+                getattr(self.data, r))) for r in roles}}
+
+    def judge_key(self) -> dict:
+        kind, _, path = self.rc.judge.partition(":")
+        if not path:
+            return {"judge": self.rc.judge}
+        return {"judge": kind, "sha256": self._digest("judge", lambda: inputs_lib.model_digest(
+            Path(path).expanduser()))}
+
     def _common(self) -> dict:
         rc = self.rc
-        return {"model": model_path(rc), "dtype": rc.dtype, "data": data_key(rc),
+        return {"model": self.model_key(), "data": self.data_key(TRAIN_ROLES),
                 "template": rc.template, "max_length": rc.max_length, "seed": rc.seed,
                 "pad_multiple": rc.pad_multiple,
                 "lora": [rc.lora_rank, rc.lora_alpha, list(rc.targets)],
-                "optimizer": [rc.schedule, rc.warmup_ratio, rc.weight_decay, rc.max_grad_norm]}
+                "optimizer": [rc.schedule, rc.warmup_ratio, rc.weight_decay, rc.max_grad_norm],
+                "nonfinite": rc.nonfinite}
 
     def _defense_key(self, flag: str) -> dict | None:
         d = self.defenses[flag]
@@ -321,10 +392,12 @@ class Pipeline:
                    "defense": self._defense_key("repair_defense")}
         elif name.startswith("eval_"):
             which = name.removeprefix("eval_")
-            key = {"model": self.source_fingerprint(which), "data": data_key(rc),
+            source = self.model_key() if self.source_fingerprint(which) == \
+                self.source_fingerprint("base") else {"stage": self.source_fingerprint(which)}
+            key = {"model": source, "data": self.data_key(EVAL_ROLES),
                    "template": rc.template, "eval_size": rc.eval_size,
                    "task_eval_size": rc.task_eval_size, "max_new_tokens": rc.max_new_tokens,
-                   "task_max_new_tokens": rc.task_max_new_tokens, "judge": rc.judge}
+                   "task_max_new_tokens": rc.task_max_new_tokens, "judge": self.judge_key()}
         else:
             raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
         return StageDir(self.run_dir, name, key, self.cache)
@@ -332,7 +405,7 @@ class Pipeline:
     def source_fingerprint(self, which: str) -> str:
         """Fingerprint of the stage whose output is model `which` (base / aligned / final)."""
         if which == "base":
-            return fingerprint({"model": model_path(self.rc), "dtype": self.rc.dtype})
+            return fingerprint(self.model_key())
         if which == "aligned":
             return self.stage("align").fingerprint if self.rc.align_epochs else \
                 self.source_fingerprint("base")
@@ -351,13 +424,62 @@ class Pipeline:
         return out + [f"eval_{m}" for m in self.rc.models_to_eval]
 
     # ------------------------------------------------------------ running
+    def preflight(self, todo: Sequence[str]) -> None:
+        """Everything that can refuse the run, before anything is written: the model and the
+        data load, prompts fit the model's context, no stage folder to reuse holds other
+        settings, and the earlier stages that `todo` reads (and does not run) have finished."""
+        cfg = self.base.cfg
+        if self.rc.max_length > cfg.max_position_embeddings:
+            raise ConfigError(f"--max_length={self.rc.max_length} exceeds the model's context "
+                              f"of {cfg.max_position_embeddings} tokens")
+        if any(s.startswith("eval_") for s in todo):
+            self._check_eval_context()
+        for name in todo:
+            sd = self.stage(name)
+            if not (self.rc.overwrite and sd.fingerprint not in self._redone):
+                sd.done  # noqa: B018 - raises StageMismatchError on other settings
+            self._check_upstream(name, todo)
+
+    def _check_eval_context(self) -> None:
+        """Every evaluation prompt plus its generation budget fits the model's context."""
+        limit = self.base.cfg.max_position_embeddings
+        harm, task = self.eval_sets()
+        for what, records, budget, flag in (("harmful evaluation", harm, self.rc.max_new_tokens,
+                                             "max_new_tokens"),
+                                            ("task test", task, self.rc.task_max_new_tokens,
+                                             "task_max_new_tokens")):
+            lengths = [len(ids) for ids in data_lib.encode_prompts(records, self.base.tokenizer,
+                                                                   self.rc.template)]
+            over = [n for n in lengths if n + budget > limit]
+            if over:
+                raise data_lib.DataError(
+                    f"{len(over)} of {len(lengths)} {what} prompts do not fit the model's "
+                    f"context of {limit} tokens with --{flag}={budget} (the longest prompt has "
+                    f"{max(over)} tokens); shorten or drop them, or lower --{flag}")
+
     def write_manifest(self) -> None:
+        """run.json: this invocation's settings; stage fingerprints accumulate over runs."""
         if self.main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            old = read_json(self.run_dir / "run.json") if (self.run_dir / "run.json").is_file() \
+                else {}
+            stages = {**old.get("stages", {}),
+                      **{s: self.stage(s).fingerprint for s in self.active_stages()}}
             write_manifest(self.run_dir, self.rc.to_dict(), {
-                "stages": {s: self.stage(s).fingerprint for s in self.active_stages()},
-                "model_path": model_path(self.rc)})
+                "stages": stages, "model_path": model_path(self.rc),
+                "inputs": {"model": self.model_key(),
+                           "data": self.data_key(TRAIN_ROLES + EVAL_ROLES)["content"]}})
         _barrier("manifest written")
+
+    def _lock(self, sd: StageDir | None = None):
+        """The run folder's lock (refuse when held), or a shared stage's (wait for it);
+        process 0 alone holds locks."""
+        if not self.main_process:
+            return contextlib.nullcontext()
+        if sd is None:
+            return folder_lock(self.run_dir / ".lock", f"run folder {self.run_dir}")
+        return folder_lock(sd.path.parent / f".{sd.path.name}.lock", f"shared stage {sd.path}",
+                           wait=True)
 
     def run_stage(self, name: str) -> dict:
         """Run stage `name` unless its artifacts exist (then return its summary).
@@ -366,52 +488,59 @@ class Pipeline:
         from the same files, because all of them pass a barrier after deciding whether to skip
         and after the stage finished (a shared filesystem is assumed, as for orbax)."""
         sd = self.stage(name)
-        force = self.rc.overwrite and sd.fingerprint not in self._redone
-        skip = not force and sd.done
-        _barrier(f"{name}: skip decided")
-        if skip:
+        with self._lock(sd) if sd.path != sd.link else contextlib.nullcontext():
+            force = self.rc.overwrite and sd.fingerprint not in self._redone
+            skip = not force and sd.done
+            _barrier(f"{name}: skip decided")
+            if skip:
+                if self.main_process:
+                    sd.ensure_link()
+                print(f"[{name}] done already ({sd.path}); skipped", flush=True)
+                return sd.summary()
+            print(f"[{name}] running -> {sd.path}", flush=True)
+            start = time.perf_counter()
             if self.main_process:
-                sd.ensure_link()
-            print(f"[{name}] done already ({sd.path}); skipped", flush=True)
-            return sd.summary()
-        self._check_upstream(name)
-        print(f"[{name}] running -> {sd.path}", flush=True)
-        start = time.perf_counter()
-        if self.main_process:
-            sd.begin(overwrite=force)
-        _barrier(f"{name}: folder ready")
-        summary = getattr(self, f"_run_{name.split('_')[0]}")(sd, sd.path, name)
-        summary = {**summary, "wall_s": round(time.perf_counter() - start, 2)}
-        if self.main_process:
-            sd.finish(summary)
-        _barrier(f"{name}: finished")
+                sd.begin(overwrite=force)
+            _barrier(f"{name}: folder ready")
+            summary = getattr(self, f"_run_{name.split('_')[0]}")(sd, sd.path, name)
+            summary = {**summary, "wall_s": round(time.perf_counter() - start, 2)}
+            if self.main_process:
+                sd.finish(summary)
+            _barrier(f"{name}: finished")
         self._redone.add(sd.fingerprint)
         print(f"[{name}] finished in {summary['wall_s']:.1f} s", flush=True)
         return summary
 
-    def _check_upstream(self, name: str) -> None:
+    def _check_upstream(self, name: str, todo: Sequence[str]) -> None:
         needs = {"finetune": ["align"] if self.rc.align_epochs else [],
                  "repair": ["finetune"],
                  "eval_aligned": ["align"] if self.rc.align_epochs else [],
                  "eval_final": [s for s in ("align", "finetune", "repair")
                                 if s in self.active_stages()]}.get(name, [])
         for up in needs:
-            if not self.stage(up).done:
+            if up not in todo and not self.stage(up).done:
                 raise MissingStageError(
                     f"stage {name!r} needs stage {up!r}, which has not finished in "
                     f"{self.run_dir} with these settings; run experiments.{up} (or "
                     f"experiments.pipeline) first")
 
     def run(self, stages: Sequence[str] | None = None) -> dict:
-        """Run `stages` (default: every active stage) in order, then write the run's results."""
-        self.write_manifest()
+        """Run `stages` (default: every active stage) in order, then write the run's results.
+
+        Nothing is written before the settings are accepted and the inputs load (`preflight`);
+        the run folder is locked against a second process for the whole run."""
         todo = list(stages) if stages is not None else self.active_stages()
         for s in todo:
             if s not in self.active_stages():
                 raise ConfigError(f"stage {s!r} is not part of this run (its stages: "
                                   f"{self.active_stages()})")
-            self.run_stage(s)
-        return self.write_results()
+        self.preflight(todo)
+        with self._lock():
+            self.preflight(todo)  # again under the lock: the folder may have changed meanwhile
+            self.write_manifest()
+            for s in todo:
+                self.run_stage(s)
+            return self.write_results()
 
     # ------------------------------------------------------------ models
     def aligned_params(self) -> dict:
@@ -459,12 +588,14 @@ class Pipeline:
         return data_lib.tokenize_records(records, self.base.tokenizer, self.rc.template,
                                          self.rc.max_length)
 
-    def _batcher(self, examples, batch_size: int, seed: int, num_epochs: int | None):
+    def _batcher(self, examples, batch_size: int, seed: int, num_epochs: int | None,
+                 drop_last: bool = True):
         tok = self.base.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         lengths = buckets(self.rc.max_length, self.rc.pad_multiple)
         return data_lib.Batcher(examples, batch_size, seed, buckets=lengths, pad_id=pad,
-                                num_epochs=num_epochs, process_index=jax.process_index(),
+                                num_epochs=num_epochs, drop_last=drop_last,
+                                process_index=jax.process_index(),
                                 process_count=jax.process_count())
 
     def _stream_batcher(self, name: str, batch_size: int, seed: int):
@@ -478,7 +609,9 @@ class Pipeline:
         alignment stage, "user" at fine-tuning) for `epochs`; a gradient defense is chained
         before AdamW, gets the step options it declares and every batch stream it names."""
         rc, base = self.rc, self.base
-        primary = self._batcher(self._tokenize(records), batch_size, rc.seed + salt, epochs)
+        examples = self._tokenize(records)
+        census = loss_token_census(records, examples, f"the {stream!r} rows")
+        primary = self._batcher(examples, batch_size, rc.seed + salt, epochs, drop_last=False)
         pre, step_kwargs, names = [], {"primary": stream}, [stream]
         if defense is not None and defense.spec.level == "gradient":
             pre.append(defense.spec.build(**defense.hparams))
@@ -499,7 +632,8 @@ class Pipeline:
         st, st_sh = step_lib.init_state(base.cfg, lora, opt, mesh=self.mesh, seed=rc.seed + salt)
         fn = step_lib.make_train_step(base.cfg, opt, mesh=self.mesh, state_shardings=st_sh,
                                       frozen_shardings=frozen_sh,
-                                      learning_rate_fn=optim.make_schedule(ocfg), **step_kwargs)
+                                      learning_rate_fn=optim.make_schedule(ocfg),
+                                      skip_nonfinite=rc.nonfinite == "skip", **step_kwargs)
 
         def batches(start: int) -> Iterator[dict]:
             others = {n: b.batches(start) for n, b in extra.items()}
@@ -507,7 +641,7 @@ class Pipeline:
                 yield pad_to_common_length({stream: b, **{n: next(it) for n, it in
                                                           others.items()}})
 
-        ckpt = Checkpointer(out / "ckpt", every=rc.checkpoint_every, keep=1)
+        ckpt = Checkpointer(out / "ckpt", every=rc.checkpoint_every, keep=2)
         try:
             st, history = loop_lib.train(fn, st, params, batches, mesh=self.mesh,
                                          num_steps=total, state_shardings=st_sh,
@@ -518,9 +652,11 @@ class Pipeline:
         if int(st.step) < total:
             raise StageInterrupted(f"training stopped at step {int(st.step)} of {total}; "
                                    f"rerun the same command to resume from {out / 'ckpt'}")
+        loop_lib.check_finite_tree(st.trainable, f"the trained adapter in {out}")
         times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
-        summary = {"steps": total, "rows": len(records), "streams": names,
-                   "compiles": fn.compiles,
+        summary = {"steps": total, **census, "streams": names, "compiles": fn.compiles,
+                   "steps_per_epoch": primary.steps_per_epoch,
+                   "skipped_steps": int(sum(h.get("skipped", 0) for h in history)),
                    "final_loss": history[-1]["loss"] if history else None,
                    "median_step_s": float(np.median(times)) if times else None}
         return st.trainable, summary
@@ -552,15 +688,13 @@ class Pipeline:
         return summary
 
     def _run_finetune(self, sd: StageDir, out: Path, name: str) -> dict:
-        records = self.user_records()
-        n_harm = sum(r["harmful"] for r in records)
         defense = self.defenses["finetune_defense"]
-        records = self._data_defense(defense, records)
+        records = self._data_defense(defense, self.user_records())
         lora, summary = self._train(out, params=self.aligned_params(), records=records,
                                     stream="user", epochs=self.rc.epochs, lr=self.rc.lr,
                                     batch_size=self.rc.batch_size, defense=defense, salt=2)
         self._save_adapter(out, lora)
-        return {**summary, "harmful_rows": n_harm}
+        return summary
 
     def _run_repair(self, sd: StageDir, out: Path, name: str) -> dict:
         """The post-fine-tuning weight transform `(cfg, params, lora, **inputs) -> lora` (or
@@ -636,6 +770,7 @@ class Pipeline:
         prompts = [r["prompt"] for r in harm]
         judged = judges_lib.score_with(judge, prompts, answers)
         hs = metrics_lib.harmful_score(judged.scores)
+        degenerate = [metrics_lib.is_degenerate(a) for a in answers]
         task_answers = self._generate(params, lora, task, self.rc.task_max_new_tokens)
         t2 = time.perf_counter()
         golds = [r.get("label") or r.get("answer") for r in task]
@@ -643,15 +778,19 @@ class Pipeline:
         correct = [metrics_lib.accuracy(task_name, [a], [g]) for a, g in
                    zip(task_answers, golds, strict=True)]
         fa = float(np.mean(correct))
+        degenerate_share = float(np.mean(degenerate))
+        task_degenerate = metrics_lib.degenerate_share(task_answers)
         results = report_lib.make_results(
             model=which, judge=judge.name, harmful_score=hs, finetune_accuracy=fa,
             task=task_name, n_harmful=len(harm), n_flagged=int(judged.flags.sum()),
             n_task=len(task), seeds={"seed": self.rc.seed, "data_seed": self.rc.data_seed},
+            degenerate_share=degenerate_share, task_degenerate_share=task_degenerate,
             max_new_tokens=self.rc.max_new_tokens, generate_s=round(t2 - t0, 2))
         if self.main_process:
             report_lib.write_generations(out / "generations_harmful.jsonl",
-                                         report_lib.generation_records(prompts, answers,
-                                                                       [judged]))
+                                         report_lib.generation_records(
+                                             prompts, answers, [judged],
+                                             extra={"degenerate": degenerate}))
             report_lib.write_generations(
                 out / "generations_task.jsonl",
                 report_lib.generation_records([_task_text(r) for r in task], task_answers,
@@ -659,15 +798,21 @@ class Pipeline:
             write_json(out / "results.json", results)
         print(f"[{name}] HS {100 * hs:.1f}%  FA {100 * fa:.1f}%  "
               f"(generation {t1 - t0:.1f} s + {t2 - t1:.1f} s)", flush=True)
-        return {"harmful_score": hs, "finetune_accuracy": fa}
+        if degenerate_share or task_degenerate:
+            print(f"[{name}] warning: {100 * degenerate_share:.0f}% of the harmful-prompt answers "
+                  f"and {100 * task_degenerate:.0f}% of the task answers are empty or degenerate; "
+                  f"the judge scores them as safe, so HS understates what a working model "
+                  f"would do (see generations_*.jsonl)", flush=True)
+        return {"harmful_score": hs, "finetune_accuracy": fa,
+                "degenerate_share": degenerate_share}
 
     # ------------------------------------------------------------ results
     def results(self) -> dict:
         """The run's summary: settings and HS/FA of every evaluated model that has finished."""
         rc = self.rc
         rows = []
-        for which in rc.models_to_eval:
-            sd = self.stage(f"eval_{which}")
+        for which in MODEL_NAMES:  # every finished evaluation of these settings, not only
+            sd = self.stage(f"eval_{which}")  # those this invocation ran (a subset rerun)
             try:
                 if not sd.done:
                     continue
@@ -676,7 +821,8 @@ class Pipeline:
             r = read_json(sd.path / "results.json")
             rows.append({"model": which, "label": model_label(which, rc),
                          "harmful_score": r["harmful_score"],
-                         "finetune_accuracy": r["finetune_accuracy"], "judge": r["judge"],
+                         "finetune_accuracy": r["finetune_accuracy"],
+                         "degenerate_share": r.get("degenerate_share"), "judge": r["judge"],
                          "task": r["task"]})
         return {"run_dir": str(self.run_dir), "settings": run_settings(rc), "rows": rows}
 
