@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test suite: bootstrap .venv, then pytest (offline; the slow end-to-end tests need -m slow).
+# The test suite (what CI runs, .ci/run): bootstrap .venv, ruff, then the whole pytest suite
+# offline, the `slow` end-to-end run of the embedded model included. Arguments go to pytest
+# (e.g. -m 'not slow' to leave that run out, -m slow for it alone).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$(bash "$root/scripts/bootstrap.sh" | tail -n 1)"
