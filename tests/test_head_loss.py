@@ -173,7 +173,7 @@ def _transposed_shapes(jaxpr) -> list[tuple]:
 @pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full"])
 def test_tied_head_is_contracted_as_stored_without_transposing_the_embeddings(full_finetune):
     """A transpose in front of the head matmul makes XLA:CPU run bf16 heads as f32 GEMMs on
-    upcast copies (BUILD_NOTES, session 7): the loss, its gradient and the logits contract
+    upcast copies (commit 837ab85): the loss, its gradient and the logits contract
     the [V, D] embeddings on their stored axis."""
     cfg = GEMMA_LIKE.replace(dtype="bfloat16")
     params = params_lib.init_random(cfg, jax.random.key(0), std=0.1)

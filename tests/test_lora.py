@@ -229,7 +229,7 @@ def _row_major_products(forward_mode_ad: bool) -> list[bool]:
 
 def test_branch_vjp_contracts_each_left_operand_over_its_last_axis_with_no_transposes():
     # XLA:CPU runs such products in YNNPACK; autodiff's x^T dh (token axis of both operands)
-    # runs as an f32 dot on upcast copies (BUILD_NOTES, session 13)
+    # runs as an f32 dot on upcast copies (commit d274e59)
     custom = _row_major_products(forward_mode_ad=False)
     assert len(custom) == 8 and all(custom), custom  # 2 forward, 6 backward products
     assert not all(_row_major_products(forward_mode_ad=True))  # what the custom VJP avoids

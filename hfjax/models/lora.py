@@ -61,7 +61,7 @@ def apply(x: jax.Array, layer_weights: dict | None, name: str, scale: float, *,
     x: [N, in] in the compute dtype; A and B are cast to it. The scale multiplies the rank-r
     intermediate [N, r], not the [N, out] output as PEFT writes it (same value up to rounding;
     exact when scale is a power of two): no elementwise pass over [N, out] for it (f32 LoRA
-    step −3%, BUILD_NOTES performance log, session 6).
+    step −3%, commit 2e2c113).
     Its gradient is `branch`'s custom VJP (reverse mode only); forward_mode_ad=True
     differentiates the plain expression instead, so that `jax.jvp` (Hessian-vector products)
     works.
@@ -93,7 +93,7 @@ def branch(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     the [N, r] h, also makes XLA:CPU upcast a bf16 dot, so ∂hᵀ and hᵀ come from exact GEMMs
     with the r × r identity (2·r²·N FLOPs each), and ∂A's final [r, in] → [in, r] transpose
     sits behind an optimization barrier that keeps XLA from folding it back into the dot.
-    SmolLM2-135M LoRA step (BUILD_NOTES, session 13): bf16 −5.5%, f32 −3.6%.
+    SmolLM2-135M LoRA step (commit d274e59): bf16 −5.5%, f32 −3.6%.
     """
     return _branch_forward(x, a, b, scale)[0]
 
