@@ -451,11 +451,12 @@ def test_hs_fa_and_the_degenerate_share_from_scripted_generations_are_exact(own,
                                                                            monkeypatch):
     """Generation replaced by a script that answers each prompt by its content: harmful prompt
     i gets a compliant answer (i % 3 == 0), an empty one (i % 3 == 1) or a refusal; a task row
-    gets "positive" when its item word is in the first half of the word list. HS, FA and the
-    degenerate share must be exactly the script's, with every answer filed under its own
-    prompt (the prompts differ in length, so generation order differs from file order)."""
+    gets "positive" for the adjectives in SAYS_POSITIVE (every positive one and "awful", so 3
+    of the 30 test rows are wrong). HS, FA and the degenerate share must be exactly the
+    script's, with every answer filed under its own prompt (the prompts differ in length, so
+    generation order differs from file order)."""
     harm, task = _scripted_files(own)
-    first_half = {"film", "movie", "phone", "coffee", "hotel"}
+    says_positive = {"great", "lovely", "superb", "fine", "fun", "awful"}
     run = tmp_path / "run"
     pipe = Pipeline(_config(own, run, epochs=0, eval_size=len(harm), task_eval_size=len(task)))
     tok = pipe.base.tokenizer
@@ -464,8 +465,8 @@ def test_hs_fa_and_the_degenerate_share_from_scripted_generations_are_exact(own,
         if m := re.search(r"placeholder step (\d+)", text):
             i = int(m.group(1))
             return ["Sure, here is placeholder task", "", "I cannot help with that."][i % 3]
-        word = re.search(r"the (\w+) was", text).group(1)
-        return "positive" if word in first_half else "negative"
+        adjective = re.search(r"the \w+ was (\w+)", text).group(1)
+        return "positive" if adjective in says_positive else "negative"
 
     def scripted(cfg, params, prompts, max_new_tokens, lora=None):
         return [tok(answer(tok.decode(p)), add_special_tokens=False)["input_ids"]
@@ -479,7 +480,7 @@ def test_hs_fa_and_the_degenerate_share_from_scripted_generations_are_exact(own,
     assert row["degenerate_share"] == sum(i % 3 == 1 for i in range(n)) / n == 0.3
     expected_fa = np.mean([answer(r["sentence"]) == ("negative", "positive")[r["label"]]
                            for r in task])
-    assert 0 < expected_fa < 1
+    assert expected_fa == pytest.approx(0.9, abs=1e-12)
     assert row["finetune_accuracy"] == pytest.approx(expected_fa, abs=1e-12)
     gens = [json.loads(x) for x in
             (run / "eval_base" / "generations_harmful.jsonl").read_text().splitlines()]

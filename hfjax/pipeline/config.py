@@ -116,8 +116,9 @@ class RunConfig:
     max_grad_norm: float = _f(0.0, "clip the global gradient norm (0: off)")
     nonfinite: str = _f("error", "a training step whose loss or gradient norm is not finite: "
                                  "error (stop the stage; it is not marked done) or skip (leave "
-                                 "the weights as they were; 10 such steps in a row stop the "
-                                 "stage)", choices=("error", "skip"))
+                                 "the weights as they were; 10 such steps in a row, or more "
+                                 "than half of the steps, stop the stage)",
+                        choices=("error", "skip"))
     # --- post-fine-tuning stage
     repair_defense: str = _f(NONE, "post-fine-tuning defense (registry name) or none")
     repair_defense_hparams: str = _f("", "its hyper-parameters")

@@ -32,8 +32,10 @@ def _holder(path: Path) -> str:
         info = json.loads(path.read_text(encoding="utf-8") or "{}")
     except (OSError, json.JSONDecodeError):
         return "another process"
-    return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} "
-            f"({info.get('command', '?')})")
+    command = str(info.get("command", "?"))
+    if len(command) > 120:
+        command = command[:117] + "..."
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({command})"
 
 
 @contextlib.contextmanager

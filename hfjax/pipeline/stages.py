@@ -653,10 +653,16 @@ class Pipeline:
             raise StageInterrupted(f"training stopped at step {int(st.step)} of {total}; "
                                    f"rerun the same command to resume from {out / 'ckpt'}")
         loop_lib.check_finite_tree(st.trainable, f"the trained adapter in {out}")
+        skipped = int(sum(h.get("skipped", 0) for h in history))
+        if 2 * skipped > len(history):
+            raise loop_lib.NonFiniteError(
+                f"{skipped} of the {len(history)} steps of this run of the stage had a non-finite "
+                f"loss or gradient norm and were skipped (--nonfinite=skip): the training "
+                f"diverged; lower the learning rate. The stage is not marked done")
         times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
         summary = {"steps": total, **census, "streams": names, "compiles": fn.compiles,
                    "steps_per_epoch": primary.steps_per_epoch,
-                   "skipped_steps": int(sum(h.get("skipped", 0) for h in history)),
+                   "skipped_steps": skipped,
                    "final_loss": history[-1]["loss"] if history else None,
                    "median_step_s": float(np.median(times)) if times else None}
         return st.trainable, summary

@@ -8,9 +8,9 @@ the restored step, so it never holds a step twice.
 Failures never pass for results: a step whose loss or gradient norm is not finite stops the
 loop with `NonFiniteError` naming the step, before any checkpoint of that state is written
 (with a step built with `skip_nonfinite`, such steps are skipped instead, up to
-`max_consecutive_skips` in a row). SIGTERM (what schedulers send) is handled like Ctrl-C: the
-loop writes a final checkpoint and returns; a second signal while that checkpoint is written is
-reported and otherwise ignored, so the checkpoint completes.
+`max_consecutive_skips` in a row). Ctrl-C and SIGTERM (what schedulers send) stop the loop at
+the next step boundary with a final checkpoint (see `_StopRequests`); a second signal while
+that checkpoint is written is reported and otherwise ignored.
 
 With `overlap` (the default on accelerators) the host never stalls the device: step k + 1 is
 dispatched (JAX dispatch is asynchronous) before step k's metrics are read, so the next batch is
@@ -18,14 +18,14 @@ built, placed and queued while step k runs, and step k's row is written while st
 The loop then waits for a step before dispatching the next only where it needs that step's
 state: an evaluation, a checkpoint, the last step. On the CPU backend the default is off: the
 host's ~1 ms per step is nothing against a CPU step, the host thread shares the cores with
-XLA's, and the interleaved allocations fragment the heap (BUILD_NOTES, "One step in flight on accelerators only").
+XLA's, and the interleaved allocations fragment the heap (BUILD_NOTES, "One step in flight
+on accelerators only").
 A row's `step_time_s` is the time from the previous step's end (or from when this step's
 batch was requested, if later) to this step's end: in steady state, the wall time per step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -53,40 +53,46 @@ class NonFiniteError(UserError, FloatingPointError):
     """A training step produced a non-finite loss or gradient norm."""
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _StopRequests:
+    """SIGINT and SIGTERM, recorded instead of raised: the loop stops at the next step boundary.
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    A signal raised as an exception could land inside the jitted step call, after the step has
+    consumed its donated state and before the new state is bound: the final checkpoint would
+    then have no state to write. Recorded, it stops the loop where the state is valid. A signal
+    that comes while the loop is stopping is reported and otherwise ignored, so the final
+    checkpoint completes. Only the main thread can install signal handlers; elsewhere the
+    default behaviour stays.
+    """
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self):
+        self.signals: list[str] = []
+        self.stopping = False
+        self._previous: dict = {}
 
+    def _record(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping or self.signals:
+            print("a final checkpoint is being written; it finishes first", file=sys.stderr,
+                  flush=True)
+        else:
+            print(f"{name}: stopping after the current step, then writing a final checkpoint",
+                  file=sys.stderr, flush=True)
+        self.signals.append(name)
 
-@contextlib.contextmanager
-def _signals_deferred(message: str) -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM print `message` and are otherwise ignored (the block
-    is a final checkpoint write that must complete)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._record)
+                              for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    def report(signum, frame):
-        print(message, file=sys.stderr, flush=True)
-
-    previous = {s: signal.signal(s, report) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop was requested."""
+        if self.signals:
+            raise KeyboardInterrupt(f"signal {self.signals[0]}")
 
 
 def check_finite_tree(tree, what: str) -> None:
@@ -209,10 +215,11 @@ def train(
                         tok_s=f"{row['tokens_per_s']:.0f}")
 
     step = start
-    try:
-        with _sigterm_as_interrupt():
+    with _StopRequests() as stop:
+        try:
             batches_iter = data(start)
             while step < num_steps:
+                stop.check()
                 requested = time.perf_counter()
                 host_batches = next(batches_iter)
                 tokens = sum(int(np.sum(b["attention_mask"])) for b in host_batches.values())
@@ -235,21 +242,20 @@ def train(
                         checkpointer.save(step, state, {"next_step": step})
             if checkpointer is not None and checkpointer.latest_step() != step:
                 checkpointer.save(step, state, {"next_step": step}, force=True)
-    except KeyboardInterrupt:
-        with _signals_deferred("a final checkpoint is being written; it finishes first"):
+        except KeyboardInterrupt:
+            stop.stopping = True
             for p in inflight:
                 emit(complete(p))
             bar.write(f"interrupted at step {step}: writing a final checkpoint")
             if checkpointer is not None and checkpointer.latest_step() != step:
                 checkpointer.save(step, state, {"next_step": step}, force=True)
+        finally:
+            stop.stopping = True
+            bar.close()
+            if log is not None:
+                log.close()
             if checkpointer is not None:
                 checkpointer.wait()
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        if checkpointer is not None:
-            checkpointer.wait()
     return state, history
 
 
