@@ -7,7 +7,7 @@ from the stages already in the run folder; prints the run's table.
 
 from absl import app
 
-from experiments import _common
+from experiments import _cli, _common
 
 
 def main(argv):
@@ -18,4 +18,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _common.run_main(main)
+    _cli.run_main(main)

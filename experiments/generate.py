@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
+from experiments._cli import run_main
 from hfjax import models
 from hfjax.eval.generate import greedy_generate
 
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -7,7 +7,7 @@ final). Stages whose artifacts exist are skipped (resume); --overwrite redoes th
 
 from absl import app
 
-from experiments import _common
+from experiments import _cli, _common
 
 
 def main(argv):
@@ -17,4 +17,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _common.run_main(main)
+    _cli.run_main(main)

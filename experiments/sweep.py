@@ -19,7 +19,7 @@ import traceback
 import jax
 from absl import app
 
-from experiments import _common
+from experiments import _cli, _common
 from hfjax.errors import UserError
 from hfjax.pipeline import Pipeline, report
 from hfjax.pipeline import flags as pflags
@@ -57,8 +57,8 @@ def main(argv):
             except Exception as e:
                 if not FLAGS.keep_going:
                     raise
-                if isinstance(e, UserError | OSError) and not _common.show_tracebacks():
-                    print(f"run {rc.run_dir} failed: {_common.describe(e)}", file=sys.stderr,
+                if isinstance(e, UserError | OSError) and not _cli.show_tracebacks():
+                    print(f"run {rc.run_dir} failed: {_cli.describe(e)}", file=sys.stderr,
                           flush=True)
                 else:
                     traceback.print_exc()
@@ -77,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _common.run_main(main)
+    _cli.run_main(main)
