@@ -430,7 +430,7 @@ def test_a_data_defense_trains_on_exactly_the_rows_it_returns(tiny, tmp_path):
                             finetune_defense_hparams="guide_data_num=6"))
     pipe.run(["finetune"])
     rows = defenses.get("safe_instr_mix").build(guide_data_num=6)(
-        pipe.user_records(), pipe._stream_records("align"))
+        pipe.user_records(), pipe._stream_records("align", "finetune"))
     census = stages_lib.loss_token_census(rows, pipe._tokenize(rows), "rows")
     plain = stages_lib.loss_token_census(pipe.user_records(),
                                          pipe._tokenize(pipe.user_records()), "rows")
@@ -490,3 +490,22 @@ def test_hs_fa_and_the_degenerate_share_from_scripted_generations_are_exact(own,
         assert g["degenerate"] == (g["response"] == "")
     table = (run / "results.md").read_text()
     assert "empty/degenerate (%)" in table and "| 40.0 " in table and "| 30.0 " in table
+
+
+def test_each_harmful_role_of_a_run_gets_its_own_prompts_recorded_in_run_json(tiny, tmp_path):
+    run = tmp_path / "run"
+    pipe = Pipeline(_config(tiny, run, align_epochs=1, align_refusals=16, align_benign=8,
+                            finetune_defense="lisa", defense_data_size=12))
+    keys = {
+        "alignment": {data_lib.prompt_key(r) for r in pipe.alignment_records() if r["source"]
+                      == "advbench"},
+        "attack": {data_lib.prompt_key(r) for r in pipe.user_records() if r["harmful"]},
+        "lisa": {data_lib.prompt_key(r) for r in pipe._stream_records("align", "finetune")}}
+    assert [len(v) for v in keys.values()] == [16, 8, 12]
+    assert not (keys["alignment"] & keys["attack"] or keys["alignment"] & keys["lisa"]
+                or keys["attack"] & keys["lisa"])
+    pipe.write_manifest()
+    roles = json.loads((run / "run.json").read_text())["harmful_roles"]
+    assert {k: v["count"] for k, v in roles.items()} == {"alignment": 16, "attack": 8,
+                                                          "finetune:align": 12}
+    assert len(set(roles["attack"]["indices"]) | set(roles["alignment"]["indices"])) == 24

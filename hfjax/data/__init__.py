@@ -8,6 +8,7 @@
     for batch in data.Batcher(examples, batch_size=8, seed=0).batches(start_step=0): ...
 """
 
+from hfjax.data import plan
 from hfjax.data.batching import (
     IGNORE_INDEX,
     Batcher,
@@ -39,6 +40,7 @@ from hfjax.data.offline import (
     offline_harmful_records,
     split_harmful,
 )
+from hfjax.data.plan import RolePlan, plan_roles
 from hfjax.data.records import (
     DataError,
     EmptySourceError,
@@ -80,6 +82,7 @@ __all__ = [
     "MissingPackageError",
     "OfflineData",
     "Record",
+    "RolePlan",
     "SourceRequest",
     "UnknownSourceError",
     "affirmative_target",
@@ -106,6 +109,8 @@ __all__ = [
     "normalize_text",
     "offline_harmful_records",
     "pad_batch",
+    "plan",
+    "plan_roles",
     "parse_source_spec",
     "prompt_key",
     "refusal_row",

@@ -245,6 +245,53 @@ def get_defense(rc: RunConfig, flag: str) -> Defense | None:
     return Defense(defenses_api.get(name), parse_hparams(name, getattr(rc, f"{flag}_hparams")))
 
 
+STREAM_KINDS = {"align": "align", "alignment": "align", "safety": "align", "safe": "align",
+                "harmful": "harmful", "calibration": "harmful"}
+DATA_DEFENSE_INPUTS = ("safety", "alignment", "harmful")
+WEIGHT_DEFENSE_STREAMS = {"calibration_batches": "harmful"}
+
+
+def stream_kind(name: str) -> str:
+    """A defense's stream name as the data it holds: "align" (harmful prompt -> refusal) or
+    "harmful" (harmful prompt -> harmful answer)."""
+    if name not in STREAM_KINDS:
+        raise ConfigError(f"a defense asks for a batch stream {name!r} the pipeline does not "
+                          f"know (known: {sorted(STREAM_KINDS)})")
+    return STREAM_KINDS[name]
+
+
+def defense_streams(defense: Defense | None, primary: str) -> set[str]:
+    """The kinds of extra data a defense reads beyond its stage's own batches: a gradient
+    defense's batches other than `primary`, a data defense's inputs, a weight defense's
+    calibration batches."""
+    if defense is None:
+        return set()
+    spec = defense.spec
+    if spec.level == "gradient":
+        names = set(spec.step_options(**defense.hparams).batch_names) | set(spec.batches)
+        return {stream_kind(n) for n in names - {primary, "user"}}
+    params = set(inspect.signature(spec.build(**defense.hparams)).parameters)
+    if spec.level == "data":
+        return {stream_kind(n) for n in params & set(DATA_DEFENSE_INPUTS)}
+    return {WEIGHT_DEFENSE_STREAMS[n] for n in params & set(WEIGHT_DEFENSE_STREAMS)}
+
+
+def role_plan(rc: RunConfig, defenses: Mapping[str, Defense | None],
+              pool: Sequence[Mapping]) -> data_lib.RolePlan:
+    """Disjoint slices of the harmful training pool for a run: the alignment refusals, the
+    attack's harmful rows and every extra stream its defenses read (`hfjax.data.plan`).
+    `defenses` maps the stage flags (align_defense, ...) to the run's defenses."""
+    def sizes(flag: str, primary: str) -> dict[str, int]:
+        return {kind: rc.defense_data_size for kind in defense_streams(defenses[flag], primary)}
+
+    return data_lib.plan_roles(
+        pool, rc.seed, alignment=rc.align_refusals if rc.align_epochs else 0,
+        attack=data_lib.harmful_count(rc.num_samples, rc.harmful_ratio) if rc.epochs else 0,
+        alignment_streams=sizes("align_defense", "align") if rc.align_epochs else {},
+        finetune_streams=sizes("finetune_defense", "user") if rc.epochs else {},
+        post_streams=sizes("repair_defense", "") if rc.epochs else {})
+
+
 def _call_with_inputs(fn: Callable, what: str, args: tuple, inputs: Mapping[str, Callable]):
     """Call fn(*args, **named inputs it asks for); each input is built lazily by its thunk."""
     params = list(inspect.signature(fn).parameters.values())[len(args):]
@@ -327,6 +374,7 @@ class Pipeline:
         self._redone: set[str] = set()
         self._aligned: dict | None = None
         self._digests: dict[str, str] = {}
+        self._plan: data_lib.RolePlan | None = None
         self.main_process = jax.process_index() == 0
 
     # ------------------------------------------------------------ lazily loaded state
@@ -429,6 +477,7 @@ class Pipeline:
         data load, prompts fit the model's context, no stage folder to reuse holds other
         settings, and the earlier stages that `todo` reads (and does not run) have finished."""
         cfg = self.base.cfg
+        self.role_plan()  # the harmful pool holds a disjoint slice for every role
         if self.rc.max_length > cfg.max_position_embeddings:
             raise ConfigError(f"--max_length={self.rc.max_length} exceeds the model's context "
                               f"of {cfg.max_position_embeddings} tokens")
@@ -468,7 +517,8 @@ class Pipeline:
             write_manifest(self.run_dir, self.rc.to_dict(), {
                 "stages": stages, "model_path": model_path(self.rc),
                 "inputs": {"model": self.model_key(),
-                           "data": self.data_key(TRAIN_ROLES + EVAL_ROLES)["content"]}})
+                           "data": self.data_key(TRAIN_ROLES + EVAL_ROLES)["content"]},
+                "harmful_roles": self.role_plan().summary(self.data.harmful_train)})
         _barrier("manifest written")
 
     def _lock(self, sd: StageDir | None = None):
@@ -563,26 +613,35 @@ class Pipeline:
                                                             self.base.cfg)
 
     # ------------------------------------------------------------ data per stage
+    def role_plan(self) -> data_lib.RolePlan:
+        """Disjoint slices of the harmful training pool (see `role_plan`)."""
+        if self._plan is None:
+            self._plan = role_plan(self.rc, self.defenses, self.data.harmful_train)
+        return self._plan
+
     def alignment_records(self) -> list:
         d = self.data
-        return data_lib.build_alignment_set(d.harmful_train, d.align_benign,
-                                            self.rc.align_refusals, self.rc.align_benign,
-                                            self.rc.seed)
+        refusals = self.role_plan().take(d.harmful_train, data_lib.plan.ALIGNMENT)
+        return data_lib.build_alignment_set(refusals, d.align_benign, len(refusals),
+                                            self.rc.align_benign, self.rc.seed)
 
     def user_records(self) -> list:
         d = self.data
-        return data_lib.mix_user_data(d.task_train, d.harmful_train, self.rc.num_samples,
+        attack = self.role_plan().take(d.harmful_train, data_lib.plan.ATTACK)
+        return data_lib.mix_user_data(d.task_train, attack, self.rc.num_samples,
                                       self.rc.harmful_ratio, self.rc.seed)
 
-    def _stream_records(self, name: str) -> list | dict:
-        """Records of a named extra batch stream a defense reads."""
-        d, k, seed = self.data, self.rc.defense_data_size, self.rc.seed + 1
-        if name in ("align", "alignment", "safety", "safe"):
-            return data_lib.build_alignment_set(d.harmful_train, d.align_benign, k, 0, seed)
-        if name in ("harmful", "calibration"):
-            return data_lib.build_harmful_set(d.harmful_train, k, seed)
-        raise ConfigError(f"a defense asks for a batch stream {name!r} the pipeline does not "
-                          "know (known: align, harmful)")
+    def _stream_records(self, name: str, stage: str) -> list:
+        """Records of the extra batch stream `name` a defense reads at `stage` (alignment,
+        finetune, post): its own slice of the harmful pool, as refusals for a safety stream."""
+        kind = stream_kind(name)
+        rows = self.role_plan().take(self.data.harmful_train, f"{stage}:{kind}")
+        if not rows:
+            raise ConfigError(f"the {stage} stage's defense reads a {name!r} stream the pipeline "
+                              f"did not plan (streams planned: {sorted(self.role_plan().rows)})")
+        if kind == "align":
+            return [data_lib.refusal_row(r, self.rc.seed) for r in rows]
+        return rows
 
     def _tokenize(self, records: list) -> list:
         return data_lib.tokenize_records(records, self.base.tokenizer, self.rc.template,
@@ -598,8 +657,9 @@ class Pipeline:
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
 
-    def _stream_batcher(self, name: str, batch_size: int, seed: int):
-        return self._batcher(self._tokenize(self._stream_records(name)), batch_size, seed, None)
+    def _stream_batcher(self, name: str, stage: str, batch_size: int, seed: int):
+        return self._batcher(self._tokenize(self._stream_records(name, stage)), batch_size, seed,
+                             None)
 
     # ------------------------------------------------------------ training
     def _train(self, out: Path, *, params: dict, records: list, stream: str, epochs: int,
@@ -618,7 +678,8 @@ class Pipeline:
             options = defense.spec.step_options(**defense.hparams)
             step_kwargs = options.step_kwargs()
             names = list(dict.fromkeys([*names, *options.batch_names, *defense.spec.batches]))
-        extra = {name: self._stream_batcher(name, batch_size, rc.seed + salt + 10 + i)
+        stage = "alignment" if stream == "align" else "finetune"
+        extra = {name: self._stream_batcher(name, stage, batch_size, rc.seed + salt + 10 + i)
                  for i, name in enumerate(names[1:])}
         total = primary.total_steps
         ocfg = optim.OptimizerConfig(learning_rate=lr, schedule=rc.schedule,
@@ -667,15 +728,14 @@ class Pipeline:
                    "median_step_s": float(np.median(times)) if times else None}
         return st.trainable, summary
 
-    def _data_defense(self, defense: Defense | None, records: list) -> list:
+    def _data_defense(self, defense: Defense | None, records: list, stage: str) -> list:
         """Apply a data-level defense (`records -> records`, e.g. SafeInstr mixing)."""
         if defense is None or defense.spec.level != "data":
             return records
         transform = defense.spec.build(**defense.hparams)
         return _call_with_inputs(transform, defense.name, (records,), {
-            "safety": lambda: self._stream_records("align"),
-            "alignment": lambda: self._stream_records("align"),
-            "harmful": lambda: self._stream_records("harmful")})
+            name: lambda name=name: self._stream_records(name, stage)
+            for name in DATA_DEFENSE_INPUTS})
 
     def _save_adapter(self, out: Path, lora) -> None:
         # every process: save_peft all-gathers weights that span processes; process 0 writes
@@ -684,7 +744,7 @@ class Pipeline:
 
     def _run_align(self, sd: StageDir, out: Path, name: str) -> dict:
         defense = self.defenses["align_defense"]
-        records = self._data_defense(defense, self.alignment_records())
+        records = self._data_defense(defense, self.alignment_records(), "alignment")
         lora, summary = self._train(out, params=self.base.params, records=records, stream="align",
                                     epochs=self.rc.align_epochs, lr=self.rc.align_lr,
                                     batch_size=self.rc.align_batch_size,
@@ -695,7 +755,7 @@ class Pipeline:
 
     def _run_finetune(self, sd: StageDir, out: Path, name: str) -> dict:
         defense = self.defenses["finetune_defense"]
-        records = self._data_defense(defense, self.user_records())
+        records = self._data_defense(defense, self.user_records(), "finetune")
         lora, summary = self._train(out, params=self.aligned_params(), records=records,
                                     stream="user", epochs=self.rc.epochs, lr=self.rc.lr,
                                     batch_size=self.rc.batch_size, defense=defense, salt=2)
@@ -711,7 +771,7 @@ class Pipeline:
         fn = defense.spec.build(**defense.hparams)
 
         def calibration() -> list[dict]:
-            ex = self._tokenize(self._stream_records("harmful"))
+            ex = self._tokenize(self._stream_records("harmful", "post"))
             return list(self._batcher(ex, self.rc.batch_size, self.rc.seed + 3, 1).batches(0))
 
         out_lora = _call_with_inputs(fn, defense.name, (cfg, self.aligned_params(), lora), {

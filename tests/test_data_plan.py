@@ -1,0 +1,99 @@
+"""Disjoint harmful-pool slices per role: the alignment refusals, the attack's rows and every
+defense stream get distinct prompts, the alignment does not move with the attack's size, the
+attack does not move with the defenses, and every preset's data plan is disjoint."""
+
+import itertools
+
+import pytest
+from absl import flags
+from test_pipeline import ROOT
+
+from hfjax import data
+from hfjax.data.plan import ALIGNMENT, ATTACK, plan_roles
+from hfjax.data.records import prompt_key
+from hfjax.pipeline import stages as stages_lib
+from hfjax.pipeline import sweep as sweep_lib
+
+POOL = [data.make_record(f"Explain placeholder task {i}", f"Sure, here is task {i}", "t", True)
+        for i in range(300)]
+
+
+def _prompts(plan, role):
+    return {prompt_key(r) for r in plan.take(POOL, role)}
+
+
+def _assert_disjoint(plan, pool):
+    roles = list(plan.rows)
+    for a, b in itertools.combinations(roles, 2):
+        shared = {prompt_key(r) for r in plan.take(pool, a)} & \
+            {prompt_key(r) for r in plan.take(pool, b)}
+        assert not shared, f"{a} and {b} share {len(shared)} prompts"
+
+
+def test_roles_get_their_sizes_and_disjoint_prompts():
+    plan = plan_roles(POOL, 0, alignment=100, attack=20, alignment_streams={"harmful": 50},
+                      finetune_streams={"align": 40}, post_streams={"harmful": 30})
+    assert {k: len(v) for k, v in plan.rows.items()} == {
+        ALIGNMENT: 100, ATTACK: 20, "alignment:harmful": 50, "finetune:align": 40,
+        "post:harmful": 30}
+    _assert_disjoint(plan, POOL)
+
+
+def test_alignment_ignores_the_attack_and_the_attack_ignores_the_defenses():
+    base = plan_roles(POOL, 3, alignment=100, attack=10)
+    bigger_attack = plan_roles(POOL, 3, alignment=100, attack=40,
+                               finetune_streams={"align": 50})
+    with_streams = plan_roles(POOL, 3, alignment=100, attack=10,
+                              alignment_streams={"harmful": 60}, post_streams={"harmful": 20})
+    assert _prompts(base, ALIGNMENT) == _prompts(bigger_attack, ALIGNMENT) == \
+        _prompts(with_streams, ALIGNMENT)
+    assert _prompts(base, ATTACK) == _prompts(with_streams, ATTACK)
+    assert _prompts(base, ATTACK) < _prompts(bigger_attack, ATTACK)  # a prefix, p nested
+    assert _prompts(plan_roles(POOL, 4, alignment=100, attack=10), ATTACK) != \
+        _prompts(base, ATTACK)  # the seed draws another permutation
+
+
+def test_a_prompt_answered_twice_goes_to_one_role_and_a_small_pool_is_named():
+    doubled = POOL[:50] + [dict(r, response="another answer") for r in POOL[:50]]
+    plan = plan_roles(doubled, 0, alignment=25, attack=25)
+    _assert_disjoint(plan, doubled)
+    with pytest.raises(data.DataError, match="has 50 distinct prompts but the run's roles need 51"):
+        plan_roles(doubled, 0, alignment=25, attack=25, finetune_streams={"align": 1})
+
+
+def test_the_offline_default_attack_no_longer_shares_prompts_with_alignment_or_booster():
+    """The overlap that flattered Booster: with seed 0 the independent draws shared 8 of the
+    20 attack prompts with the alignment set and 6 with Booster's harmful stream."""
+    pool = data.default_data(0).harmful_train
+    plan = plan_roles(pool, 0, alignment=200, attack=20, alignment_streams={"harmful": 200})
+    _assert_disjoint(plan, pool)
+    independent_attack = {prompt_key(r) for r in data.sample(pool, 20, 0)}
+    independent_align = {prompt_key(r) for r in data.sample(pool, 200, 1)}
+    assert independent_attack & independent_align  # what independent sampling gave
+
+
+@pytest.mark.parametrize("preset", ["quick", "full", "smollm2_offline", "vaccine_paper",
+                                    "lisa_paper", "booster_paper"])
+def test_every_run_of_every_preset_has_a_disjoint_data_plan(preset, tmp_path, monkeypatch):
+    """Offline presets on the real offline pool; hub presets on a pool of distinct placeholder
+    prompts as large as the run needs (the plan is disjoint by construction; the size a preset
+    needs is what its source must hold)."""
+    monkeypatch.chdir(ROOT)
+    fv = flags.FlagValues()
+    sweep_lib.define(fv)
+    args = [f"--flagfile=experiments/presets/{preset}.cfg"]
+    if preset == "smollm2_offline":
+        args.append("--grid=defense=none,booster,lisa,antidote")
+    fv(["sweep", *args, f"--run_dir={tmp_path}"])
+    _, configs = sweep_lib.plan(fv, device_count=8)
+    offline = data.default_data(0).harmful_train
+    for _, rc in configs:
+        defenses = {f: stages_lib.get_defense(rc, f) for f in
+                    ("align_defense", "finetune_defense", "repair_defense")}
+        pool = offline if rc.data == "offline" else [
+            data.make_record(f"placeholder request {i}", "placeholder answer", "t", True)
+            for i in range(40000)]
+        plan = stages_lib.role_plan(rc, defenses, pool)
+        _assert_disjoint(plan, pool)
+        attack = data.harmful_count(rc.num_samples, rc.harmful_ratio)
+        assert len(plan.rows.get(ATTACK, ())) == attack
