@@ -376,7 +376,7 @@ def test_a_gradient_defense_s_first_pipeline_step_equals_its_own_update(tiny, tm
     seen = _captured_first_step(monkeypatch)
     run = tmp_path / "run"
     pipe = Pipeline(_config(tiny, run, num_samples=8, finetune_defense="safe_instr",
-                            finetune_defense_hparams=f"lam={lam}"))
+                            finetune_defense_hparams=f"lam={lam}", max_grad_norm=0.0))
     pipe.run(["finetune"])
     assert set(seen["batches"]) == {"user", "align"}
     cfg, params = pipe.base.cfg, pipe.base.params

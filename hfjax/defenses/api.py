@@ -70,16 +70,20 @@ class StepOptions:
       perturbation) and passes them as the extra arg `perturb_grads`.
     primary_perturb: `(rng, [L, B, T, D]) -> ε` added to a_l in the step's own forward pass;
       ε is passed on as the extra arg `perturbation`.
+    batch_sizes: rows per batch of named extra streams where the method fixes them (SafeInstr's
+      alignment batch of 4); other streams take the run's batch size. Not a step keyword.
     """
 
     primary: str | tuple[str, ...] = USER
     primary_phase: Callable[[Any], Any] | None = None
     activation_grads: bool = False
     primary_perturb: Callable[[Any, tuple[int, ...]], Any] | None = None
+    batch_sizes: tuple[tuple[str, int], ...] = ()
 
     def step_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for `make_train_step`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "batch_sizes"}
 
     @property
     def batch_names(self) -> tuple[str, ...]:

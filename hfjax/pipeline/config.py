@@ -113,7 +113,8 @@ class RunConfig:
     schedule: str = _f("constant", "lr schedule", choices=("constant", "cosine", "linear"))
     warmup_ratio: float = _f(0.0, "warmup fraction of the steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(0.0, "clip the global gradient norm (0: off)")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm (0: off); 1.0 is HF "
+                                   "Trainer's default, under which every official script runs")
     nonfinite: str = _f("error", "a training step whose loss or gradient norm is not finite: "
                                  "error (stop the stage; it is not marked done) or skip (leave "
                                  "the weights as they were; 10 such steps in a row, or more "

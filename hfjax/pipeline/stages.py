@@ -672,14 +672,21 @@ class Pipeline:
         examples = self._tokenize(records)
         census = loss_token_census(records, examples, f"the {stream!r} rows")
         primary = self._batcher(examples, batch_size, rc.seed + salt, epochs, drop_last=False)
-        pre, step_kwargs, names = [], {"primary": stream}, [stream]
+        pre, step_kwargs, names, sizes = [], {"primary": stream}, [stream], {}
         if defense is not None and defense.spec.level == "gradient":
             pre.append(defense.spec.build(**defense.hparams))
             options = defense.spec.step_options(**defense.hparams)
             step_kwargs = options.step_kwargs()
             names = list(dict.fromkeys([*names, *options.batch_names, *defense.spec.batches]))
+            sizes = dict(options.batch_sizes)
+            per = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            for name, size in sizes.items():
+                if size % per:
+                    raise ConfigError(f"{defense.name} reads {size}-row {name!r} batches, which "
+                                      f"the mesh's data x fsdp = {per} devices do not divide")
         stage = "alignment" if stream == "align" else "finetune"
-        extra = {name: self._stream_batcher(name, stage, batch_size, rc.seed + salt + 10 + i)
+        extra = {name: self._stream_batcher(name, stage, sizes.get(name, batch_size),
+                                            rc.seed + salt + 10 + i)
                  for i, name in enumerate(names[1:])}
         total = primary.total_steps
         ocfg = optim.OptimizerConfig(learning_rate=lr, schedule=rc.schedule,
