@@ -73,7 +73,8 @@ def test_the_offline_default_attack_no_longer_shares_prompts_with_alignment_or_b
 
 
 @pytest.mark.parametrize("preset", ["quick", "full", "smollm2_offline", "vaccine_paper",
-                                    "lisa_paper", "booster_paper"])
+                                    "lisa_paper", "booster_paper", "booster_perturb_aware",
+                                    "repnoise_gitdisl", "safe_instr_gitdisl", "antidote_paper"])
 def test_every_run_of_every_preset_has_a_disjoint_data_plan(preset, tmp_path, monkeypatch):
     """Offline presets on the real offline pool; hub presets on a pool of distinct placeholder
     prompts as large as the run needs (the plan is disjoint by construction; the size a preset

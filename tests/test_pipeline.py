@@ -210,7 +210,9 @@ def test_sweep_binary_writes_table_csv_plot_and_shares_stages(setup, tmp_path,
 
 
 @pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 120), ("vaccine_paper", 2),
-                                           ("lisa_paper", 2), ("booster_paper", 2)])
+                                           ("lisa_paper", 2), ("booster_paper", 2),
+                                           ("booster_perturb_aware", 2), ("repnoise_gitdisl", 2),
+                                           ("safe_instr_gitdisl", 2), ("antidote_paper", 2)])
 def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     """Every preset's flags exist and every run of its grid passes the checks (no hub needed)."""
     monkeypatch.chdir(ROOT)  # flagfiles name nested flagfiles relative to the repository
@@ -225,7 +227,8 @@ def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     assert "none" in defenses and len(defenses) > 1
     if preset == "lisa_paper":
         rc = dict((c["defense"], rc) for c, rc in configs)["lisa"]
-        assert rc.finetune_defense_hparams == "rho=1.0,align_steps=100,finetune_steps=900"
+        assert rc.finetune_defense_hparams == ("rho=1.0,align_steps=100,finetune_steps=900,"
+                                               "proximal_after=2001")
         assert rc.task_train_data == "gsm8k:train" and rc.model == "meta-llama/Llama-2-7b-hf"
     assert not any(tmp_path.iterdir())  # planning writes nothing
 
