@@ -221,3 +221,10 @@ def test_real_smollm2_tokenizer_masks_the_chat_prompt():
             assert tok.decode(ex.labels[keep]) == rec["response"] + "<|im_end|>"
     prompt = tok.decode(data.encode_prompts(recs[:1], tok, "chat")[0])
     assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_alpaca_no_newline_ends_the_prompt_at_response_colon_like_the_vaccine_and_lisa_code():
+    with_newline = data.get_template("alpaca").prompt(RECS[1])
+    without = data.get_template("alpaca_no_newline").prompt(RECS[1])
+    assert with_newline.endswith("### Response:\n") and without.endswith("### Response:")
+    assert with_newline == without + "\n"

@@ -11,6 +11,7 @@ from hfjax.eval.metrics import (
     accuracy,
     contains_label,
     degenerate_share,
+    equals_label,
     extract_final_number,
     gsm8k_correct,
     harmful_score,
@@ -165,3 +166,15 @@ def test_degenerate_share_is_the_fraction_of_degenerate_answers():
     assert degenerate_share(["", "Sure", "!!!", "I cannot"]) == 0.5
     with pytest.raises(ValueError, match="no examples"):
         degenerate_share([])
+
+
+
+def test_exact_label_match_takes_the_whole_answer_lower_or_capitalized_as_git_disl():
+    assert equals_label(" positive ", "positive") and equals_label("Positive", "positive")
+    assert not equals_label("positive.", "positive") and not equals_label("POSITIVE", "positive")
+    assert not equals_label("It is positive", "positive")
+    assert equals_label("Sci/Tech", "Sci/Tech") and equals_label("sci/tech", "Sci/Tech")
+    answers, golds = ["positive", "It is positive", "negative"], ["positive"] * 3
+    assert label_accuracy(answers, golds) == pytest.approx(2 / 3)
+    assert label_accuracy(answers, golds, exact=True) == pytest.approx(1 / 3)
+    assert accuracy("sst2", answers, golds, exact=True) == pytest.approx(1 / 3)

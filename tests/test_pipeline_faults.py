@@ -492,7 +492,9 @@ def test_hs_fa_and_the_degenerate_share_from_scripted_generations_are_exact(own,
     assert "empty/degenerate (%)" in table and "| 40.0 " in table and "| 30.0 " in table
 
 
-def test_each_harmful_role_of_a_run_gets_its_own_prompts_recorded_in_run_json(tiny, tmp_path):
+def test_the_attack_s_prompts_reach_no_other_role_and_run_json_records_each_role(tiny, tmp_path):
+    """Lisa's alignment-state data reuses the alignment's prompts (as the official code); the
+    attack's harmful rows share a prompt with neither."""
     run = tmp_path / "run"
     pipe = Pipeline(_config(tiny, run, align_epochs=1, align_refusals=16, align_benign=8,
                             finetune_defense="lisa", defense_data_size=12))
@@ -502,10 +504,55 @@ def test_each_harmful_role_of_a_run_gets_its_own_prompts_recorded_in_run_json(ti
         "attack": {data_lib.prompt_key(r) for r in pipe.user_records() if r["harmful"]},
         "lisa": {data_lib.prompt_key(r) for r in pipe._stream_records("align", "finetune")}}
     assert [len(v) for v in keys.values()] == [16, 8, 12]
-    assert not (keys["alignment"] & keys["attack"] or keys["alignment"] & keys["lisa"]
-                or keys["attack"] & keys["lisa"])
+    assert keys["lisa"] < keys["alignment"]
+    assert not keys["attack"] & (keys["alignment"] | keys["lisa"])
     pipe.write_manifest()
     roles = json.loads((run / "run.json").read_text())["harmful_roles"]
     assert {k: v["count"] for k, v in roles.items()} == {"alignment": 16, "attack": 8,
                                                           "finetune:align": 12}
     assert len(set(roles["attack"]["indices"]) | set(roles["alignment"]["indices"])) == 24
+
+
+def test_alignment_settings_of_their_own_and_a_continued_adapter_reach_the_stages(
+        tiny, tmp_path, monkeypatch):
+    """--align_lora_rank / --align_lora_targets shape LoRA #1 (the fine-tuning LoRA keeps
+    --lora_rank); --finetune_adapter=continue starts the fine-tuning from LoRA #1 on the base
+    weights, and the final model is base + that adapter."""
+    seen = _captured_first_step(monkeypatch)
+    run = tmp_path / "run"
+    rc = _config(tiny, run, align_epochs=1, align_refusals=8, align_benign=8, align_lr=3e-3,
+                 align_lora_rank=4, align_lora_targets="q_proj,v_proj", lora_rank=2,
+                 finetune_adapter="continue", eval_models="final", align_schedule="linear",
+                 align_warmup_ratio=0.5)
+    pipe = Pipeline(rc)
+    assert rc.training("align").schedule == "linear" and rc.training("finetune").schedule == \
+        "constant" and rc.training("align").warmup_ratio == 0.5
+    pipe.run(["align"])
+    aligned = models.lora.load_peft(run / "align" / "adapter", pipe.base.cfg)
+    assert aligned.rank == 4 and sorted(aligned.weights) == ["q_proj", "v_proj"]
+    lr0 = json.loads((run / "align" / "metrics.jsonl").read_text().splitlines()[0])["lr"]
+    assert lr0 == 0.0  # linear warm-up from 0 over half the alignment steps
+    seen.clear()
+    pipe.run(["finetune"])
+    for name, w in aligned.weights.items():  # step 1 starts from the alignment's LoRA
+        for m in ("A", "B"):
+            np.testing.assert_array_equal(np.asarray(seen["trainable"].weights[name][m]),
+                                          np.asarray(w[m]))
+    params, lora = pipe.final_model()
+    assert params is pipe.base.params and lora.rank == 4
+    with pytest.raises(ConfigError, match="needs both an alignment and a fine-tuning stage"):
+        Pipeline(_config(tiny, tmp_path / "bad", finetune_adapter="continue"))
+
+
+def test_hs_prompts_from_all_rows_and_in_file_order_when_asked(own, tmp_path):
+    rows = [{"prompt": f"Describe placeholder case {i}", "response": "placeholder",
+             "is_safe": i % 2 == 0, "category": {}} for i in range(12)]
+    path = tmp_path / "bt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = dict(harmful_eval_data=f"beavertails:{path}", eval_size=4, epochs=0)
+    harmful = Pipeline(_config(own, tmp_path / "a", **rc)).eval_sets()[0]
+    assert len(harmful) == 4 and all("case" in r["prompt"] and int(r["prompt"].split()[-1]) % 2
+                                     for r in harmful)  # only the unsafe rows
+    first = Pipeline(_config(own, tmp_path / "b", harmful_eval_rows="all", row_order="file",
+                             **rc)).eval_sets()[0]
+    assert [r["prompt"] for r in first] == [f"Describe placeholder case {i}" for i in range(4)]

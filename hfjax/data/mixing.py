@@ -45,8 +45,9 @@ def _check_n(n: int) -> None:
 
 
 def sample(records: Sequence[Record], n: int, seed: int | np.random.Generator,
-           what: str = "source") -> list[Record]:
-    """n distinct rows of `records`, drawn without replacement (seeded), in drawn order."""
+           what: str = "source", order: str = "random") -> list[Record]:
+    """n distinct rows of `records`: drawn without replacement (seeded), in drawn order, or
+    with order="file" the first n rows (as the official loaders read their files)."""
     _check_n(n)
     if n == 0:
         return []
@@ -54,6 +55,10 @@ def sample(records: Sequence[Record], n: int, seed: int | np.random.Generator,
         raise EmptySourceError(f"{what} is empty but {n} rows were requested")
     if n > len(records):
         raise DataError(f"requested n={n} rows but the {what} has only {len(records)}")
+    if order == "file":
+        return list(records[:n])
+    if order != "random":
+        raise DataError(f"row order must be 'random' or 'file', got {order!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     return [records[i] for i in rng.choice(len(records), size=n, replace=False)]
 
@@ -66,13 +71,15 @@ def _check_flags(records: Sequence[Record], harmful: bool, what: str) -> None:
 
 
 def mix_user_data(benign: Sequence[Record], harmful: Sequence[Record], n: int, p: float,
-                  seed: int) -> list[Record]:
-    """The user's fine-tuning data: n rows, `harmful_count(n, p)` of them harmful, shuffled."""
+                  seed: int, order: str = "random") -> list[Record]:
+    """The user's fine-tuning data: n rows, `harmful_count(n, p)` of them harmful, shuffled
+    (order="file": the first rows of each source, then shuffled)."""
     k = harmful_count(n, p)
     _check_flags(benign, False, "benign source")
     _check_flags(harmful, True, "harmful source")
     rng = np.random.default_rng(seed)
-    rows = sample(harmful, k, rng, "harmful source") + sample(benign, n - k, rng, "benign source")
+    rows = sample(harmful, k, rng, "harmful source", order) + \
+        sample(benign, n - k, rng, "benign source", order)
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
@@ -109,9 +116,10 @@ def build_paired_set(harmful: Sequence[Record], n: int, seed: int) -> list[Recor
             for r in rows]
 
 
-def build_eval_set(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+def build_eval_set(records: Sequence[Record], n: int, seed: int,
+                   order: str = "random") -> list[Record]:
     """n evaluation rows (harmful prompts for HS, task rows with their gold label for FA)."""
-    return sample(records, n, seed, "evaluation source")
+    return sample(records, n, seed, "evaluation source", order)
 
 
 def _named(sets: RecordSets, kind: str) -> list[tuple[str, Sequence[Record]]]:

@@ -1,14 +1,17 @@
-"""Prompt templates, selectable by name: "alpaca" (the protocol's) and "chat" (the tokenizer's).
+"""Prompt templates, selectable by name: "alpaca" (the protocol's), "alpaca_no_newline" and
+"chat" (the tokenizer's).
 
 A template turns a record into the prompt text (everything the model reads before it answers)
 and names the text that ends an answer. Training tokenizes prompt and `response + end`
 separately and concatenates the ids, so the label boundary is exact and the prompt ids are the
 ones generation starts from.
 
-alpaca  git-disl's Alpaca template (Booster/Lisa text, "### Response:\\n"; Vaccine and Stanford
-        Alpaca end at "### Response:" without the newline). The input block appears only when the
-        record has an "input". Prompt tokenized with the tokenizer's special tokens (BOS where it
-        adds one); the answer ends with the EOS token.
+alpaca  git-disl's Alpaca template as the Booster and Antidote code trains it ("### Response:\\n").
+        The input block appears only when the record has an "input". Prompt tokenized with the
+        tokenizer's special tokens (BOS where it adds one); the answer ends with the EOS token.
+alpaca_no_newline
+        the same text ending at "### Response:" (no newline), as the Vaccine and Lisa code (and
+        Stanford Alpaca) train and evaluate.
 chat    `tokenizer.apply_chat_template([system?, user], add_generation_prompt=True)`; the user
         turn is the prompt, then a blank line and the input when there is one. The answer ends with
         the template's end-of-turn marker (ChatML: <|im_end|>), found by rendering a conversation
@@ -54,12 +57,15 @@ def _eos(tokenizer: Any) -> str:
 class AlpacaTemplate:
     name: str = "alpaca"
     add_special_tokens: bool = True
+    newline: bool = True  # after "### Response:"
 
     def prompt(self, record: Record, tokenizer: Any = None) -> str:
         inp = record.get("input") or ""
         if inp.strip():
-            return ALPACA_PROMPT_INPUT.format(instruction=record["prompt"], input=inp)
-        return ALPACA_PROMPT_NO_INPUT.format(instruction=record["prompt"])
+            text = ALPACA_PROMPT_INPUT.format(instruction=record["prompt"], input=inp)
+        else:
+            text = ALPACA_PROMPT_NO_INPUT.format(instruction=record["prompt"])
+        return text if self.newline else text.removesuffix("\n")
 
     def end(self, tokenizer: Any) -> str:
         return _eos(tokenizer)
@@ -96,17 +102,17 @@ class ChatTemplate:
         return end or _eos(tokenizer)
 
 
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "alpaca_no_newline", "chat")
 
 
 def get_template(name: str | Template, *, system_prompt: str | None = None) -> Template:
-    """A template by name ("alpaca" or "chat"); a template object is returned as is."""
+    """A template by name (`TEMPLATES`); a template object is returned as is."""
     if not isinstance(name, str):
         return name
-    if name == "alpaca":
+    if name in ("alpaca", "alpaca_no_newline"):
         if system_prompt is not None:
             raise DataError("the alpaca template has no system prompt")
-        return AlpacaTemplate()
+        return AlpacaTemplate(name, newline=name == "alpaca")
     if name == "chat":
         return ChatTemplate(system_prompt)
     raise DataError(f"unknown template {name!r}; known templates: {list(TEMPLATES)}")

@@ -45,6 +45,21 @@ def _f(default, help: str, **meta):  # noqa: A002 - mirrors absl's argument name
 
 
 @dataclasses.dataclass(frozen=True)
+class StageTraining:
+    """One training stage's settings (`RunConfig.training`)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    schedule: str
+    warmup_ratio: float
+    weight_decay: float
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run. Field help texts become the binaries' flag help."""
 
@@ -67,7 +82,8 @@ class RunConfig:
     progress: bool = _f(True, "show progress bars")
     # --- model
     model: str = _f("", "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)")
-    lora_rank: int = _f(8, "LoRA rank r (both stages)")
+    lora_rank: int = _f(8, "LoRA rank r (the fine-tuning stage; the alignment's too unless "
+                           "--align_lora_rank)")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale alpha / r)")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                            "comma-separated LoRA target projections")
@@ -85,9 +101,21 @@ class RunConfig:
     task_train_data: str = _f("", "benign user-task rows (e.g. sst2:train)")
     task_test_data: str = _f("", "task test rows for FA (e.g. sst2:validation)")
     align_benign_data: str = _f("", "benign rows mixed into the alignment set (e.g. alpaca:train)")
+    attack_data: str = _f("", "harmful rows of the attack in the user data, when they come from "
+                              "another source than --harmful_train_data (the attack never gets a "
+                              "prompt another role got)")
+    row_order: str = _f("random", "which rows each role takes: random (a seeded draw) or file "
+                                  "(the source's first rows, as the official loaders)",
+                        choices=("random", "file"))
+    safety_stream: str = _f("refusal", "the safety data a fine-tuning defense reads (Lisa's "
+                                       "alignment state, SafeInstr): refusal (harmful prompt -> "
+                                       "refusal) or benign (the alignment's benign rows, e.g. "
+                                       "safe BeaverTails answers)",
+                            choices=("refusal", "benign"))
     task_metric: str = _f("", "FA metric: offline, sst2, agnews, gsm8k (empty: from the source)")
-    template: str = _f("chat", "prompt template: chat (the tokenizer's) or alpaca",
-                       choices=("chat", "alpaca"))
+    template: str = _f("chat", "prompt template: chat (the tokenizer's), alpaca, or "
+                               "alpaca_no_newline (nothing after '### Response:', as the Vaccine "
+                               "and Lisa code)", choices=("chat", "alpaca", "alpaca_no_newline"))
     max_length: int = _f(128, "training sequence length (longer rows are cut)")
     pad_multiple: int = _f(16, "batches are padded to a multiple of this many tokens (fewer "
                                "distinct shapes = fewer compilations; more = less padding)")
@@ -97,6 +125,14 @@ class RunConfig:
     align_batch_size: int = _f(8, "alignment batch size")
     align_refusals: int = _f(200, "harmful prompt -> refusal rows in the alignment set")
     align_benign: int = _f(200, "benign rows in the alignment set")
+    align_schedule: str = _f("", "alignment lr schedule (empty: --schedule)",
+                             choices=("", "constant", "cosine", "linear"))
+    align_warmup_ratio: float = _f(-1.0, "alignment warmup fraction (negative: --warmup_ratio)")
+    align_weight_decay: float = _f(-1.0, "alignment AdamW weight decay (negative: "
+                                         "--weight_decay)")
+    align_lora_rank: int = _f(0, "alignment LoRA rank (0: --lora_rank)")
+    align_lora_alpha: float = _f(0.0, "alignment LoRA alpha (0: --lora_alpha)")
+    align_lora_targets: str = _f("", "alignment LoRA targets (empty: --lora_targets)")
     align_defense: str = _f(NONE, "alignment-stage defense (registry name) or none")
     align_defense_hparams: str = _f("", "its hyper-parameters, e.g. 'rho=2,lam=5'")
     # --- fine-tuning stage (the attack)
@@ -105,13 +141,17 @@ class RunConfig:
     epochs: int = _f(3, "fine-tuning epochs (0: no fine-tuning stage)")
     lr: float = _f(2e-4, "fine-tuning learning rate")
     batch_size: int = _f(8, "fine-tuning batch size")
+    finetune_adapter: str = _f("fresh", "fresh: a new LoRA on the merged aligned model; continue: "
+                                        "train the alignment's LoRA further on the base model "
+                                        "(Booster's --alternating single_lora)",
+                               choices=("fresh", "continue"))
     finetune_defense: str = _f(NONE, "fine-tuning-stage defense (registry name) or none")
     finetune_defense_hparams: str = _f("", "its hyper-parameters, e.g. 'rho=1'")
     defense_data_size: int = _f(200, "rows in the extra data streams defenses read "
                                      "(alignment / harmful batches)")
-    # --- optimizer (both stages)
+    # --- optimizer (the fine-tuning stage; the alignment's too unless its --align_* is set)
     schedule: str = _f("constant", "lr schedule", choices=("constant", "cosine", "linear"))
-    warmup_ratio: float = _f(0.0, "warmup fraction of the steps")
+    warmup_ratio: float = _f(0.0, "warmup fraction of the steps (linear from 0, any schedule)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm (0: off); 1.0 is HF "
                                    "Trainer's default, under which every official script runs")
@@ -134,12 +174,38 @@ class RunConfig:
     eval_batch_size: int = _f(50, "prompts per generation batch")
     judge: str = _f("keyword", "keyword, beaver_dam:PATH (BeaverTails moderation folder) or "
                                "hf:PATH (a transformers sequence classifier)")
+    judge_max_length: int = _f(512, "tokens of prompt + answer a classifier judge reads (the "
+                                    "official evaluations cut at 256)")
+    harmful_eval_rows: str = _f("harmful", "HS prompts: the harmful rows of "
+                                           "--harmful_eval_data, or all its rows (Lisa's "
+                                           "evaluation)", choices=("harmful", "all"))
+    task_match: str = _f("contains", "FA for label tasks: the gold label in the answer "
+                                     "(contains) or the answer equal to it (exact)",
+                         choices=("contains", "exact"))
     eval_models: str = _f("base,aligned,final", "models to evaluate (base, aligned, final)")
 
     # ------------------------------------------------------------------ derived
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def training(self, stage: str) -> StageTraining:
+        """The training settings of "align" or "finetune" (the --align_* flags fall back to the
+        fine-tuning stage's)."""
+        if stage == "finetune":
+            return StageTraining(self.epochs, self.lr, self.batch_size, self.schedule,
+                                 self.warmup_ratio, self.weight_decay, self.lora_rank,
+                                 self.lora_alpha, self.targets)
+        if stage != "align":
+            raise ValueError(f"stage must be align or finetune, got {stage!r}")
+        targets = tuple(t.strip() for t in self.align_lora_targets.split(",") if t.strip())
+        return StageTraining(
+            self.align_epochs, self.align_lr, self.align_batch_size,
+            self.align_schedule or self.schedule,
+            self.warmup_ratio if self.align_warmup_ratio < 0 else self.align_warmup_ratio,
+            self.weight_decay if self.align_weight_decay < 0 else self.align_weight_decay,
+            self.align_lora_rank or self.lora_rank, self.align_lora_alpha or self.lora_alpha,
+            targets or self.targets)
 
     @property
     def mesh_shape(self) -> tuple[int, int, int]:
@@ -283,6 +349,7 @@ def validate(cfg: RunConfig, device_count: int | None = None) -> RunConfig:
             math.isnan(float(cfg.harmful_ratio)):
         raise ConfigError(f"--harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
     positive = ("num_samples", "batch_size", "align_batch_size", "lora_rank", "eval_size",
+                "judge_max_length",
                 "task_eval_size", "max_new_tokens", "task_max_new_tokens", "eval_batch_size",
                 "checkpoint_every", "max_length", "defense_data_size", "pad_multiple",
                 "scan_unroll")
@@ -311,6 +378,18 @@ def validate(cfg: RunConfig, device_count: int | None = None) -> RunConfig:
     from hfjax.models.lora import _check_targets  # LoRAError names the bad target
 
     _check_targets(cfg.targets)
+    _check_targets(cfg.training("align").lora_targets)
+    if cfg.align_lora_rank < 0 or cfg.align_lora_alpha < 0:
+        raise ConfigError("--align_lora_rank and --align_lora_alpha must be >= 0 (0: as the "
+                          "fine-tuning stage)")
+    if cfg.finetune_adapter == "continue":
+        if not (cfg.align_epochs and cfg.epochs):
+            raise ConfigError("--finetune_adapter=continue trains the alignment's LoRA further: "
+                              "it needs both an alignment and a fine-tuning stage")
+        if cfg.repair_defense != NONE:
+            raise ConfigError(f"--repair_defense={cfg.repair_defense} repairs a fine-tuning LoRA "
+                              f"on the merged aligned model; with --finetune_adapter=continue "
+                              f"there is none")
     present = {"alignment": cfg.align_epochs > 0, "finetune": cfg.epochs > 0,
                "post": cfg.epochs > 0}
     why = {"alignment": "--align_epochs=0 (no alignment stage)",

@@ -42,6 +42,7 @@ from hfjax.pipeline.config import (
     NONE,
     ConfigError,
     RunConfig,
+    StageTraining,
     parse_hparams,
     validate,
 )
@@ -91,6 +92,7 @@ class Datasets:
     task_train: list
     task_test: list
     align_benign: list
+    attack: list  # the attack's harmful rows when --attack_data names their own source
     task_metric: str
 
 
@@ -170,7 +172,7 @@ def _metric_for(spec: str) -> str:
     return {"sst2": "sst2", "ag_news": "agnews", "gsm8k": "gsm8k"}.get(name, "offline")
 
 
-TRAIN_ROLES = ("harmful_train", "task_train", "align_benign")
+TRAIN_ROLES = ("harmful_train", "task_train", "align_benign", "attack")
 EVAL_ROLES = ("harmful_eval", "task_test")
 
 
@@ -180,6 +182,8 @@ def data_key(rc: RunConfig, roles: Sequence[str] = TRAIN_ROLES + EVAL_ROLES) -> 
     flags = ["data", "offline_task", "data_seed", *(f"{r}_data" for r in roles)]
     if "task_test" in roles:
         flags.append("task_metric")
+    if "harmful_eval" in roles:
+        flags.append("harmful_eval_rows")
     return {f: getattr(rc, f) for f in flags}
 
 
@@ -189,14 +193,15 @@ def load_datasets(rc: RunConfig) -> Datasets:
     if key in _DATA:
         return _DATA[key]
     roles = {"harmful_train": (rc.harmful_train_data, True),
-             "harmful_eval": (rc.harmful_eval_data, True),
+             "harmful_eval": (rc.harmful_eval_data,
+                              True if rc.harmful_eval_rows == "harmful" else None),
              "task_train": (rc.task_train_data, False), "task_test": (rc.task_test_data, False),
              "align_benign": (rc.align_benign_data, False)}
     missing = [f"--{r}_data" for r, (s, _) in roles.items() if not s]
+    out: dict = {"attack": _load_role(rc.attack_data, True) if rc.attack_data else []}
     if rc.data == "hub" and missing:
         raise ConfigError(f"--data=hub needs every source flag; missing {missing}")
     offline = data_lib.default_data(rc.data_seed, task=rc.offline_task) if missing else None
-    out = {}
     for role, (spec, harmful) in roles.items():
         if spec:
             out[role] = _load_role(spec, harmful)
@@ -208,7 +213,7 @@ def load_datasets(rc: RunConfig) -> Datasets:
     data_lib.assert_disjoint({"harmful_eval": out["harmful_eval"], "task_test": out["task_test"]},
                              {"harmful_train": out["harmful_train"],
                               "task_train": out["task_train"],
-                              "align_benign": out["align_benign"]})
+                              "align_benign": out["align_benign"], "attack": out["attack"]})
     _DATA[key] = Datasets(**out, task_metric=metric)
     return _DATA[key]
 
@@ -276,20 +281,29 @@ def defense_streams(defense: Defense | None, primary: str) -> set[str]:
     return {WEIGHT_DEFENSE_STREAMS[n] for n in params & set(WEIGHT_DEFENSE_STREAMS)}
 
 
-def role_plan(rc: RunConfig, defenses: Mapping[str, Defense | None],
-              pool: Sequence[Mapping]) -> data_lib.RolePlan:
-    """Disjoint slices of the harmful training pool for a run: the alignment refusals, the
-    attack's harmful rows and every extra stream its defenses read (`hfjax.data.plan`).
-    `defenses` maps the stage flags (align_defense, ...) to the run's defenses."""
-    def sizes(flag: str, primary: str) -> dict[str, int]:
-        return {kind: rc.defense_data_size for kind in defense_streams(defenses[flag], primary)}
-
+def role_plan(rc: RunConfig, defenses: Mapping[str, Defense | None], pool: Sequence[Mapping],
+              attack_pool: Sequence[Mapping] = ()) -> data_lib.RolePlan:
+    """Which harmful prompts each role of a run gets (`hfjax.data.plan`): the alignment
+    refusals, the attack's rows (from `attack_pool` when --attack_data is set) and the streams
+    its defenses read. Streams of the alignment stage and safety streams share the alignment's
+    prompts, as the official code does; other harmful streams get their own; the attack's
+    prompts go to no other role. `defenses` maps the stage flags to the run's defenses."""
+    streams = {stage: defense_streams(defenses[flag], primary) if active else set()
+               for stage, flag, primary, active in (
+                   ("alignment", "align_defense", "align", rc.align_epochs > 0),
+                   ("finetune", "finetune_defense", "user", rc.epochs > 0),
+                   ("post", "repair_defense", "", rc.epochs > 0))}
+    if rc.safety_stream == "benign":  # the safety stream comes from the benign alignment rows
+        streams["finetune"].discard("align")
+    shared = {f"alignment:{k}": rc.defense_data_size for k in streams["alignment"]}
+    shared.update({f"finetune:{k}": rc.defense_data_size for k in streams["finetune"] & {"align"}})
+    own = {f"{stage}:{k}": rc.defense_data_size for stage in ("finetune", "post")
+           for k in streams[stage] - ({"align"} if stage == "finetune" else set())}
     return data_lib.plan_roles(
         pool, rc.seed, alignment=rc.align_refusals if rc.align_epochs else 0,
         attack=data_lib.harmful_count(rc.num_samples, rc.harmful_ratio) if rc.epochs else 0,
-        alignment_streams=sizes("align_defense", "align") if rc.align_epochs else {},
-        finetune_streams=sizes("finetune_defense", "user") if rc.epochs else {},
-        post_streams=sizes("repair_defense", "") if rc.epochs else {})
+        shared_streams=shared, own_streams=own, attack_pool=attack_pool or None,
+        order=rc.row_order)
 
 
 def _call_with_inputs(fn: Callable, what: str, args: tuple, inputs: Mapping[str, Callable]):
@@ -410,14 +424,13 @@ class Pipeline:
         return {"judge": kind, "sha256": self._digest("judge", lambda: inputs_lib.model_digest(
             Path(path).expanduser()))}
 
-    def _common(self) -> dict:
+    def _common(self, stage: str) -> dict:
         rc = self.rc
         return {"model": self.model_key(), "data": self.data_key(TRAIN_ROLES),
                 "template": rc.template, "max_length": rc.max_length, "seed": rc.seed,
-                "pad_multiple": rc.pad_multiple,
-                "lora": [rc.lora_rank, rc.lora_alpha, list(rc.targets)],
-                "optimizer": [rc.schedule, rc.warmup_ratio, rc.weight_decay, rc.max_grad_norm],
-                "nonfinite": rc.nonfinite}
+                "pad_multiple": rc.pad_multiple, "row_order": rc.row_order,
+                "training": dataclasses.asdict(rc.training(stage)),
+                "max_grad_norm": rc.max_grad_norm, "nonfinite": rc.nonfinite}
 
     def _defense_key(self, flag: str) -> dict | None:
         d = self.defenses[flag]
@@ -427,13 +440,12 @@ class Pipeline:
     def stage(self, name: str) -> StageDir:
         rc = self.rc
         if name == "align":
-            key = {**self._common(), "epochs": rc.align_epochs, "lr": rc.align_lr,
-                   "batch_size": rc.align_batch_size, "refusals": rc.align_refusals,
+            key = {**self._common("align"), "refusals": rc.align_refusals,
                    "benign": rc.align_benign, "defense": self._defense_key("align_defense")}
         elif name == "finetune":
-            key = {**self._common(), "align": self.source_fingerprint("aligned"),
+            key = {**self._common("finetune"), "align": self.source_fingerprint("aligned"),
                    "harmful_ratio": rc.harmful_ratio, "num_samples": rc.num_samples,
-                   "epochs": rc.epochs, "lr": rc.lr, "batch_size": rc.batch_size,
+                   "adapter": rc.finetune_adapter, "safety_stream": rc.safety_stream,
                    "defense": self._defense_key("finetune_defense")}
         elif name == "repair":
             key = {"finetune": self.stage("finetune").fingerprint,
@@ -445,7 +457,9 @@ class Pipeline:
             key = {"model": source, "data": self.data_key(EVAL_ROLES),
                    "template": rc.template, "eval_size": rc.eval_size,
                    "task_eval_size": rc.task_eval_size, "max_new_tokens": rc.max_new_tokens,
-                   "task_max_new_tokens": rc.task_max_new_tokens, "judge": self.judge_key()}
+                   "task_max_new_tokens": rc.task_max_new_tokens, "judge": self.judge_key(),
+                   "judge_max_length": rc.judge_max_length, "task_match": rc.task_match,
+                   "row_order": rc.row_order}
         else:
             raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
         return StageDir(self.run_dir, name, key, self.cache)
@@ -518,7 +532,7 @@ class Pipeline:
                 "stages": stages, "model_path": model_path(self.rc),
                 "inputs": {"model": self.model_key(),
                            "data": self.data_key(TRAIN_ROLES + EVAL_ROLES)["content"]},
-                "harmful_roles": self.role_plan().summary(self.data.harmful_train)})
+                "harmful_roles": self.role_plan().summary(self._pools())})
         _barrier("manifest written")
 
     def _lock(self, sd: StageDir | None = None):
@@ -593,13 +607,15 @@ class Pipeline:
             return self.write_results()
 
     # ------------------------------------------------------------ models
+    def alignment_adapter(self) -> models.lora.LoRA:
+        return models.lora.load_peft(self.stage("align").path / "adapter", self.base.cfg)
+
     def aligned_params(self) -> dict:
         base = self.base
         if not self.rc.align_epochs:
             return base.params
         if self._aligned is None:
-            adapter = models.lora.load_peft(self.stage("align").path / "adapter", base.cfg)
-            merged = models.lora.merge(base.cfg, base.params, adapter)
+            merged = models.lora.merge(base.cfg, base.params, self.alignment_adapter())
             self._aligned = jax.device_put(merged, state_lib.params_shardings(base.cfg,
                                                                               self.mesh))
         return self._aligned
@@ -609,33 +625,43 @@ class Pipeline:
         if not self.rc.epochs:
             return self.aligned_params(), None
         stage = "repair" if self.defenses["repair_defense"] else "finetune"
-        return self.aligned_params(), models.lora.load_peft(self.stage(stage).path / "adapter",
-                                                            self.base.cfg)
+        params = self.base.params if self.rc.finetune_adapter == "continue" else \
+            self.aligned_params()
+        return params, models.lora.load_peft(self.stage(stage).path / "adapter", self.base.cfg)
 
     # ------------------------------------------------------------ data per stage
     def role_plan(self) -> data_lib.RolePlan:
         """Disjoint slices of the harmful training pool (see `role_plan`)."""
         if self._plan is None:
-            self._plan = role_plan(self.rc, self.defenses, self.data.harmful_train)
+            self._plan = role_plan(self.rc, self.defenses, self.data.harmful_train,
+                                   self.data.attack)
         return self._plan
+
+    def _pools(self) -> dict[str, list]:
+        return {"pool": self.data.harmful_train, "attack": self.data.attack}
 
     def alignment_records(self) -> list:
         d = self.data
-        refusals = self.role_plan().take(d.harmful_train, data_lib.plan.ALIGNMENT)
-        return data_lib.build_alignment_set(refusals, d.align_benign, len(refusals),
-                                            self.rc.align_benign, self.rc.seed)
+        refusals = self.role_plan().take(self._pools(), data_lib.plan.ALIGNMENT)
+        benign = data_lib.sample(d.align_benign, self.rc.align_benign, self.rc.seed,
+                                 "benign alignment source", self.rc.row_order)
+        return data_lib.build_alignment_set(refusals, benign, len(refusals), len(benign),
+                                            self.rc.seed)
 
     def user_records(self) -> list:
         d = self.data
-        attack = self.role_plan().take(d.harmful_train, data_lib.plan.ATTACK)
+        attack = self.role_plan().take(self._pools(), data_lib.plan.ATTACK)
         return data_lib.mix_user_data(d.task_train, attack, self.rc.num_samples,
-                                      self.rc.harmful_ratio, self.rc.seed)
+                                      self.rc.harmful_ratio, self.rc.seed, self.rc.row_order)
 
     def _stream_records(self, name: str, stage: str) -> list:
         """Records of the extra batch stream `name` a defense reads at `stage` (alignment,
         finetune, post): its own slice of the harmful pool, as refusals for a safety stream."""
         kind = stream_kind(name)
-        rows = self.role_plan().take(self.data.harmful_train, f"{stage}:{kind}")
+        if kind == "align" and stage == "finetune" and self.rc.safety_stream == "benign":
+            return data_lib.sample(self.data.align_benign, self.rc.defense_data_size,
+                                   self.rc.seed, "benign alignment source", self.rc.row_order)
+        rows = self.role_plan().take(self._pools(), f"{stage}:{kind}")
         if not rows:
             raise ConfigError(f"the {stage} stage's defense reads a {name!r} stream the pipeline "
                               f"did not plan (streams planned: {sorted(self.role_plan().rows)})")
@@ -662,16 +688,19 @@ class Pipeline:
                              None)
 
     # ------------------------------------------------------------ training
-    def _train(self, out: Path, *, params: dict, records: list, stream: str, epochs: int,
-               lr: float, batch_size: int, defense: Defense | None, salt: int
-               ) -> tuple[Any, dict]:
-        """Train a fresh LoRA on `records` (the batch stream named `stream`: "align" at the
-        alignment stage, "user" at fine-tuning) for `epochs`; a gradient defense is chained
-        before AdamW, gets the step options it declares and every batch stream it names."""
+    def _train(self, out: Path, *, params: dict, records: list, stream: str,
+               training: StageTraining, defense: Defense | None, salt: int,
+               init: models.lora.LoRA | None = None) -> tuple[Any, dict]:
+        """Train a LoRA (fresh, or `init`) on `records` (the batch stream named `stream`:
+        "align" at the alignment stage, "user" at fine-tuning) with the stage's `training`
+        settings; a gradient defense is chained before AdamW, gets the step options it declares
+        and every batch stream it names."""
         rc, base = self.rc, self.base
+        batch_size = training.batch_size
         examples = self._tokenize(records)
         census = loss_token_census(records, examples, f"the {stream!r} rows")
-        primary = self._batcher(examples, batch_size, rc.seed + salt, epochs, drop_last=False)
+        primary = self._batcher(examples, batch_size, rc.seed + salt, training.epochs,
+                                drop_last=False)
         pre, step_kwargs, names, sizes = [], {"primary": stream}, [stream], {}
         if defense is not None and defense.spec.level == "gradient":
             pre.append(defense.spec.build(**defense.hparams))
@@ -689,13 +718,14 @@ class Pipeline:
                                             rc.seed + salt + 10 + i)
                  for i, name in enumerate(names[1:])}
         total = primary.total_steps
-        ocfg = optim.OptimizerConfig(learning_rate=lr, schedule=rc.schedule,
-                                     warmup_ratio=rc.warmup_ratio, total_steps=total,
-                                     weight_decay=rc.weight_decay,
+        ocfg = optim.OptimizerConfig(learning_rate=training.lr, schedule=training.schedule,
+                                     warmup_ratio=training.warmup_ratio, total_steps=total,
+                                     weight_decay=training.weight_decay,
                                      max_grad_norm=rc.max_grad_norm or None)
         opt = optim.make_optimizer(ocfg, pre=pre)
-        lora = models.lora.init(base.cfg, jax.random.fold_in(jax.random.key(rc.seed), salt),
-                                rank=rc.lora_rank, alpha=rc.lora_alpha, targets=rc.targets)
+        lora = init if init is not None else models.lora.init(
+            base.cfg, jax.random.fold_in(jax.random.key(rc.seed), salt),
+            rank=training.lora_rank, alpha=training.lora_alpha, targets=training.lora_targets)
         frozen_sh = state_lib.params_shardings(base.cfg, self.mesh)
         st, st_sh = step_lib.init_state(base.cfg, lora, opt, mesh=self.mesh, seed=rc.seed + salt)
         fn = step_lib.make_train_step(base.cfg, opt, mesh=self.mesh, state_shardings=st_sh,
@@ -753,9 +783,7 @@ class Pipeline:
         defense = self.defenses["align_defense"]
         records = self._data_defense(defense, self.alignment_records(), "alignment")
         lora, summary = self._train(out, params=self.base.params, records=records, stream="align",
-                                    epochs=self.rc.align_epochs, lr=self.rc.align_lr,
-                                    batch_size=self.rc.align_batch_size,
-                                    defense=defense, salt=1)
+                                    training=self.rc.training("align"), defense=defense, salt=1)
         self._save_adapter(out, lora)
         self._aligned = None
         return summary
@@ -763,9 +791,13 @@ class Pipeline:
     def _run_finetune(self, sd: StageDir, out: Path, name: str) -> dict:
         defense = self.defenses["finetune_defense"]
         records = self._data_defense(defense, self.user_records(), "finetune")
-        lora, summary = self._train(out, params=self.aligned_params(), records=records,
-                                    stream="user", epochs=self.rc.epochs, lr=self.rc.lr,
-                                    batch_size=self.rc.batch_size, defense=defense, salt=2)
+        if self.rc.finetune_adapter == "continue":  # the alignment's LoRA, further, on the base
+            params, init = self.base.params, self.alignment_adapter()
+        else:
+            params, init = self.aligned_params(), None
+        lora, summary = self._train(out, params=params, records=records, stream="user",
+                                    training=self.rc.training("finetune"), defense=defense,
+                                    salt=2, init=init)
         self._save_adapter(out, lora)
         return summary
 
@@ -802,8 +834,8 @@ class Pipeline:
             return judges_lib.KeywordRefusalJudge()
         kind, _, path = j.partition(":")
         if kind == "beaver_dam":
-            return judges_lib.BeaverDamJudge(path)
-        return judges_lib.HFSequenceClassifierJudge(path)
+            return judges_lib.BeaverDamJudge(path, max_length=self.rc.judge_max_length)
+        return judges_lib.HFSequenceClassifierJudge(path, max_length=self.rc.judge_max_length)
 
     def _generate(self, params, lora, records: list, max_new_tokens: int) -> list[str]:
         tok, cfg = self.base.tokenizer, self.base.cfg
@@ -822,9 +854,9 @@ class Pipeline:
     def eval_sets(self) -> tuple[list, list]:
         d, rc = self.data, self.rc
         harm = data_lib.build_eval_set(d.harmful_eval, min(rc.eval_size, len(d.harmful_eval)),
-                                       rc.data_seed)
+                                       rc.data_seed, rc.row_order)
         task = data_lib.build_eval_set(d.task_test, min(rc.task_eval_size, len(d.task_test)),
-                                       rc.data_seed)
+                                       rc.data_seed, rc.row_order)
         return harm, task
 
     def _run_eval(self, sd: StageDir, out: Path, name: str) -> dict:
@@ -848,7 +880,8 @@ class Pipeline:
         t2 = time.perf_counter()
         golds = [r.get("label") or r.get("answer") for r in task]
         task_name = self.data.task_metric
-        correct = [metrics_lib.accuracy(task_name, [a], [g]) for a, g in
+        exact = self.rc.task_match == "exact"
+        correct = [metrics_lib.accuracy(task_name, [a], [g], exact) for a, g in
                    zip(task_answers, golds, strict=True)]
         fa = float(np.mean(correct))
         degenerate_share = float(np.mean(degenerate))
