@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_decoder
+from defense_fixtures import GEMMA_LIKE
 
 from hfjax.models import forward
 from hfjax.models import params as params_lib
@@ -54,6 +56,31 @@ def test_perturb_is_added_to_the_attention_output_of_each_layer():
     # h_L = h_{L-1} + a + ε + m(h_{L-1} + a + ε): the residual of the last layer moves.
     np.testing.assert_allclose(pert["residual"][:-1], clean["residual"][:-1], atol=1e-6)
     assert float(jnp.max(jnp.abs(pert["residual"][-1] - clean["residual"][-1]))) > 0.1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2-like"])
+def test_perturbation_and_captures_sit_at_the_attention_and_mlp_module_outputs(family):
+    """ε is added to o_proj's output and mlp_out is down_proj's output, both before Gemma 2's
+    post-attention / post-feed-forward norms (where the official hooks act): every layer's
+    captures and the logits equal the hand-written reference decoder's. For Gemma 2 the
+    reference with ε after the post-attention norm is far from it, so the check tells them
+    apart."""
+    cfg = CFG if family == "llama" else GEMMA_LIKE
+    params = PARAMS if family == "llama" else params_lib.init_random(cfg, jax.random.key(3),
+                                                                        std=0.1)
+    mask = jnp.ones(IDS.shape, jnp.int32).at[1, :3].set(0)
+    eps = 0.5 * jax.random.normal(jax.random.key(4), (cfg.num_layers, *IDS.shape,
+                                                      cfg.hidden_size))
+    logits, cap = forward(cfg, params, IDS, mask, perturb=eps,
+                          capture=("attn_out", "mlp_out", "residual"))
+    want_logits, want = reference_decoder.forward(cfg, params, IDS, mask, perturb=eps)
+    for name in ("attn_out", "mlp_out", "residual"):
+        np.testing.assert_allclose(cap[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+    if cfg.sandwich_norms:
+        _, after = reference_decoder.forward(cfg, params, IDS, mask, perturb=eps,
+                                             perturb_after_post_norm=True)
+        assert float(jnp.max(jnp.abs(after["residual"] - want["residual"]))) > 0.1
 
 
 def test_perturbation_gradient_matches_finite_differences_and_is_causal():

@@ -17,6 +17,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_decoder
 import safetensors.numpy
 from torch_live import run_fixture_script, run_script
 
@@ -49,7 +50,7 @@ def _random_b(lora: lora_lib.LoRA, key: jax.Array, scale: float = 0.3) -> lora_l
         name: {"A": w["A"], "B": scale * jax.random.normal(k, w["B"].shape, jnp.float32)}
         for (name, w), k in zip(lora.weights.items(), keys, strict=True)
     }
-    return lora_lib.LoRA(weights=weights, alpha=lora.alpha)
+    return lora.replace(weights=weights)
 
 
 def _tokens(batch: int = 2, length: int = 7) -> tuple[jax.Array, jax.Array]:
@@ -143,6 +144,9 @@ def test_zero_b_lora_leaves_logits_unchanged():
         ({"rank": 0}, "rank must be an integer >= 1"),
         ({"rank": 2.5}, "rank must be an integer >= 1"),
         ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, r"dropout must be a number in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\)"),
     ],
 )
 def test_init_rejects_bad_arguments_with_a_clear_error(kwargs, message):
@@ -263,6 +267,110 @@ def test_model_loss_gradient_with_the_lora_vjp_equals_plain_autodiff():
     assert len(jax.tree.leaves(grads[0])) == 2 * len(PROJECTIONS)
 
 
+# --- LoRA dropout ----------------------------------------------------------------------------
+
+P = 0.3
+
+
+def _dropped_branch(x, a, b, key, p=P, forward_mode_ad=False):
+    return lora_lib.apply(x, {"v_proj": {"A": a, "B": b}}, "v_proj", 2.0, dropout=p,
+                          dropout_key=key, forward_mode_ad=forward_mode_ad)
+
+
+def test_lora_dropout_zero_or_without_a_key_traces_exactly_the_plain_branch():
+    x, a, b, _ = _branch_inputs(12, 16, 24, 4)
+    plain = jax.make_jaxpr(lambda x: _dropped_branch(x, a, b, None, p=0.0))(x)
+    for p, key in ((0.0, jax.random.key(5)), (P, None)):
+        fn = lambda x, p=p, key=key: _dropped_branch(x, a, b, key, p)  # noqa: E731
+        assert str(jax.make_jaxpr(fn)(x)) == str(plain)
+        np.testing.assert_array_equal(fn(x), _dropped_branch(x, a, b, None, p=0.0))
+
+
+def test_lora_dropout_branch_and_its_gradients_equal_the_explicitly_masked_branch():
+    """y = ((m ⊙ x / (1 − p)) A · s) B with m = dropout_mask(key, "v_proj", ...) = Bernoulli
+    drawn with fold_in(key, index of v_proj); the same through the custom VJP and autodiff."""
+    x, a, b, g = _branch_inputs(64, 16, 24, 4)
+    key = jax.random.key(5)
+    keep = jax.random.bernoulli(jax.random.fold_in(key, PROJECTIONS.index("v_proj")), 1 - P,
+                                x.shape)
+    np.testing.assert_array_equal(lora_lib.dropout_mask(key, "v_proj", P, x.shape), keep)
+    assert 0.25 < 1 - float(keep.mean()) < 0.35
+    explicit = lambda x, a, b: ((jnp.where(keep, x / (1 - P), 0.0) @ a) * 2.0) @ b  # noqa: E731
+    want, want_vjp = jax.vjp(explicit, x, a, b)
+    for forward_mode_ad in (False, True):
+        got, got_vjp = jax.vjp(lambda x, a, b, fm=forward_mode_ad: _dropped_branch(
+            x, a, b, key, forward_mode_ad=fm), x, a, b)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for u, v in zip(got_vjp(g), want_vjp(g), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+            assert float(jnp.abs(v).max()) > 0.1  # the gradient flows
+        assert not np.any(np.asarray(got_vjp(g)[0])[~np.asarray(keep)])  # none into dropped x
+
+
+def test_lora_dropout_is_unbiased_its_mean_over_2000_keys_is_the_plain_branch():
+    """y_k = Σ_j x'_j M_jk (M = s A B) with independent x'_j: E y = x M and
+    Var y_k = p/(1 − p) Σ_j x_j² M_jk²; the mean over 2000 masks is within 5 standard errors
+    (without the 1/(1 − p) it would sit at (1 − p) x M, ~50 standard errors off)."""
+    x, a, b, _ = _branch_inputs(4, 16, 8, 4)
+    n = 2000
+    outs = jax.vmap(lambda k: _dropped_branch(x, a, b, k))(jax.random.split(jax.random.key(9), n))
+    plain = _dropped_branch(x, a, b, None)
+    m = 2.0 * a @ b
+    std = jnp.sqrt(P / (1 - P) * (x * x) @ (m * m))
+    z = (outs.mean(0) - plain) / (std / np.sqrt(n))
+    assert float(jnp.abs(z).max()) < 5
+    np.testing.assert_allclose(outs.std(0), std, rtol=0.1)
+
+
+def _dropout_setup():
+    params = init_random(CFG, jax.random.key(1), std=0.1)
+    lora = _random_b(lora_lib.init(CFG, jax.random.key(2), rank=4, alpha=8, targets=PROJECTIONS,
+                                   dropout=P), jax.random.key(3))
+    return params, lora
+
+
+def test_forward_lora_dropout_equals_the_reference_with_one_mask_per_layer_and_module():
+    """forward(dropout_rng=r) = the reference decoder with masks dropout_mask(dropout_keys(r, L)[l],
+    module) applied explicitly (q/k/v share an input but not a mask); loss gradients too."""
+    params, lora = _dropout_setup()
+    ids, mask = _tokens()
+    rng = jax.random.key(21)
+    got = forward(CFG, params, ids, mask, lora=lora, dropout_rng=rng)
+    want = reference_decoder.forward(CFG, params, ids, mask, lora, dropout_rng=rng)[0]
+    assert _valid_max_abs(got, want, mask) <= 1e-5
+    remat = forward(CFG.replace(remat=True), params, ids, mask, lora=lora, dropout_rng=rng)
+    np.testing.assert_array_equal(remat, got)
+    evaluation = forward(CFG, params, ids, mask, lora=lora)
+    np.testing.assert_array_equal(evaluation, forward(CFG, params, ids, mask,
+                                                      lora=lora.replace(dropout=0.0)))
+    assert _valid_max_abs(got, evaluation, mask) > 1e-2
+    other_step = forward(CFG, params, ids, mask, lora=lora, dropout_rng=jax.random.key(22))
+    assert _valid_max_abs(other_step, got, mask) > 1e-2
+
+    from hfjax.train.loss import make_loss_fn
+
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    grads = jax.grad(lambda t: make_loss_fn(CFG, params)(t, batch, dropout_rng=rng)[0])(lora)
+    want_grads = jax.grad(lambda w: reference_decoder.loss(
+        CFG, params, lora.replace(weights=w), batch, dropout_rng=rng))(lora.weights)
+    for u, v in zip(jax.tree.leaves(grads.weights), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_keys_give_every_layer_and_module_its_own_mask():
+    keys = lora_lib.dropout_keys(jax.random.key(21), 3)
+    masks = [np.asarray(lora_lib.dropout_mask(k, name, P, (14, 64))).tobytes()
+             for k in keys for name in PROJECTIONS]
+    assert len(set(masks)) == len(masks) == 3 * len(PROJECTIONS)
+
+
+def test_merge_ignores_dropout():
+    params, lora = _dropout_setup()
+    merged = lora_lib.merge(CFG, params, lora)
+    jax.tree.map(np.testing.assert_array_equal, merged,
+                 lora_lib.merge(CFG, params, lora.replace(dropout=0.0)))
+
+
 # --- merge -----------------------------------------------------------------------------------
 
 
@@ -327,10 +435,14 @@ def test_save_peft_writes_peft_keys_shapes_and_config(tmp_path):
 
 
 def test_save_then_load_peft_round_trip_is_exact(tmp_path):
-    lora = lora_lib.init(CFG, jax.random.key(0), rank=3, alpha=5.5, targets=PROJECTIONS)
+    lora = lora_lib.init(CFG, jax.random.key(0), rank=3, alpha=5.5, targets=PROJECTIONS,
+                         dropout=0.1)
     lora = _random_b(lora, jax.random.key(1))
-    loaded = lora_lib.load_peft(lora_lib.save_peft(tmp_path / "a", CFG, lora), CFG)
+    out = lora_lib.save_peft(tmp_path / "a", CFG, lora)
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    loaded = lora_lib.load_peft(out, CFG)
     assert loaded.targets == lora.targets and loaded.alpha == 5.5 and loaded.rank == 3
+    assert loaded.dropout == 0.1
     for name in PROJECTIONS:
         for part in ("A", "B"):
             assert loaded.weights[name][part].dtype == jnp.float32
@@ -409,6 +521,8 @@ _Q0A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         (lambda c, t: c.update(layers_to_transform=[0]), "layers_to_transform"),
         (lambda c, t: c.update(r=3), r"expected \(3, 64\)"),
         (lambda c, t: c.pop("lora_alpha"), "no 'lora_alpha'"),
+        (lambda c, t: c.update(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
+        (lambda c, t: c.update(lora_dropout="0.05"), "lora_dropout must be a number"),
         (lambda c, t: t.pop(_Q0A), "missing tensor '" + _Q0A.replace(".", r"\.")),
         (lambda c, t: t.update({_Q0A: np.zeros((2, 32), np.float32)}), r"shape \(2, 32\)"),
         (lambda c, t: t.update({"base_model.model.lm_head.lora_A.weight": t[_Q0A]}),

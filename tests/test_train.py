@@ -473,3 +473,46 @@ def test_a_second_interrupt_during_the_final_checkpoint_is_reported_and_the_save
     ck.close()
     assert len(hist) == 2 and checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 2
     assert "a final checkpoint is being written" in capsys.readouterr().err
+
+
+def _dropout_step(dropout: float):
+    """(jitted step, state, frozen, batches) for LoRA with dropout p on one device."""
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = optim.make_optimizer(OPT_CFG)
+    frozen_sh = state.params_shardings(CFG, mesh)
+    lora = LORA.replace(weights={n: {"A": w["A"], "B": w["B"] + 0.1} for n, w in
+                                 LORA.weights.items()}, dropout=dropout)
+    st, st_sh = step.init_state(CFG, lora, opt, mesh=mesh, seed=0)
+    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
+                              frozen_shardings=frozen_sh)
+    return fn, st, jax.device_put(BASE, frozen_sh), step.put_batches(next(synthetic_batches(0)),
+                                                                     mesh)
+
+
+def test_lora_dropout_in_the_train_step_uses_the_step_key_and_p_0_traces_no_dropout():
+    """With p > 0 the step's loss is the loss under dropout_rng = fold_in(state.rng, 2), so
+    every step (a new state.rng) draws new masks; with p = 0 no random bits are drawn at all
+    and the rng does not change the step."""
+    from defense_fixtures import primitives
+
+    from hfjax.train.loss import make_loss_fn
+
+    for p in (0.0, 0.2):
+        fn, st, frozen, batches = _dropout_step(p)
+        jaxpr = jax.make_jaxpr(fn.fn)(st, frozen, batches).jaxpr
+        assert ("random_bits" in primitives(jaxpr)) == (p > 0)
+        trainable = jax.tree.map(jnp.copy, st.trainable)  # the step donates st
+        _, first = fn(st, frozen, batches)
+        st2 = step.init_state(CFG, trainable, optim.make_optimizer(OPT_CFG),
+                              mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                              seed=1)[0]
+        _, second = fn(st2, frozen, batches)  # same weights and batch, another step key
+        if p == 0:
+            assert float(first["loss"]) == float(second["loss"])
+            continue
+        assert abs(float(first["loss"]) - float(second["loss"])) > 1e-4
+        expected, _ = make_loss_fn(CFG, BASE)(trainable, batches["user"],
+                                              dropout_rng=jax.random.fold_in(
+                                                  jax.random.PRNGKey(0), 2))
+        assert float(first["loss"]) == pytest.approx(float(expected), rel=1e-5)
+        assert float(first["grad_norm"]) > 0

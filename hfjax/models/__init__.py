@@ -66,6 +66,9 @@ __all__ = [
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None):
     """(ModelConfig, params) from an HF folder (config.json + safetensors) or a .gguf file.
 
+    dtype: float32, bfloat16, float16, or float64 (after `jax.config.update("jax_enable_x64",
+    True)`; norms, softmax, logits and losses then run in float64 too).
+
     With `mesh`, every parameter is created sharded: from safetensors each device reads only
     its slice; a GGUF tensor is dequantized whole on the host, then placed sharded.
     """

@@ -3,7 +3,8 @@
     out = softmax(s · q kᵀ + mask) v,   s = cfg.attention_scale,  q [B,T,Hq,hd], k/v [B,S,Hkv,hd]
 
 Two implementations (`ModelConfig.attention`):
-  "xla"    hfjax's einsum over [B, Hkv, G, T, S] scores in float32 (softcap supported), under
+  "xla"    hfjax's einsum over [B, Hkv, G, T, S] scores, softcap and softmax in max(dtype,
+           float32) (float64 for a float64 model; softcap supported), under
            `jax.checkpoint`: the backward recomputes scores and probabilities from q, k, v
            instead of keeping two [B, H, T, S] tensors per layer. Every backend, every shape.
   "cudnn"  cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`:
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
 
 _NEG_INF = float(np.finfo(np.float32).min)
 _CUDNN_DTYPES = ("bfloat16", "float16")
@@ -53,7 +54,7 @@ def einsum_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
     groups = hq // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(cfg.attention_scale, q.dtype)
-    scores = softcap(scores.astype(jnp.float32), cfg.attn_logit_softcap)
+    scores = softcap(scores.astype(at_least_float32(scores.dtype)), cfg.attn_logit_softcap)
     scores = jnp.where(allowed[:, :, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

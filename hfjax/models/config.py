@@ -11,10 +11,21 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from hfjax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")  # see hfjax.models.attention
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def at_least_float32(dtype) -> np.dtype:
+    """max(dtype, float32): the dtype norms, softmax, logits, losses and gradient accumulations
+    run in. float32 for bfloat16 / float16 / float32 models, float64 for a float64 model."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 class ModelConfigError(UserError, ValueError):
@@ -37,6 +48,8 @@ class ModelConfig:
                             window everywhere, Gemma 2 alternates local/global.
     Run-time switches (not from config.json): dtype, remat, scan_unroll, and attention, the
     attention kernel ("auto", "xla" or "cudnn": `hfjax.models.attention`).
+    dtype: the compute dtype (DTYPES); reductions run in `at_least_float32(dtype)`. "float64"
+    needs 64-bit JAX (`jax.config.update("jax_enable_x64", True)` before making arrays).
     """
 
     model_type: str
@@ -91,8 +104,11 @@ class ModelConfig:
             )
         if self.mlp_activation not in ("silu", "gelu_tanh"):
             raise ModelConfigError(f"unsupported activation {self.mlp_activation!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ModelConfigError(f"unsupported dtype {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ModelConfigError(f"unsupported dtype {self.dtype!r}; choose from {DTYPES}")
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ModelConfigError("dtype float64 needs 64-bit JAX: call "
+                                   "jax.config.update('jax_enable_x64', True) first")
 
     @property
     def attention_scale(self) -> float:

@@ -1,11 +1,16 @@
 """One decoder-only transformer for every supported family, as pure functions.
 
     h_0 = E[x] (· sqrt(D) for Gemma 2)
-    a_l = Attn(Norm(h_l)) (+ PostNorm for Gemma 2) + ε_l          (ε_l: optional `perturb`)
-    h'_l = h_l + a_l
-    m_l = MLP(Norm(h'_l)) (+ PostNorm for Gemma 2),   MLP(x) = W_down(act(W_gate x) ⊙ W_up x)
-    h_{l+1} = h'_l + m_l
+    a_l = W_o Attn(Norm(h_l)) + ε_l                     (ε_l: optional `perturb`)
+    h'_l = h_l + PostNorm(a_l)
+    m_l = MLP(Norm(h'_l)),   MLP(x) = W_down(act(W_gate x) ⊙ W_up x)
+    h_{l+1} = h'_l + PostNorm(m_l)
     logits = softcap(Norm(h_L) @ W_out)
+
+PostNorm is Gemma 2's post-attention / post-feed-forward RMSNorm (the identity for the other
+families). a_l and m_l are the outputs of HF's attention and MLP modules (o_proj and down_proj),
+where the official defense code's forward hooks read and perturb them (Vaccine, RepNoise).
+Norms, softmax and logits run in max(dtype, float32) (`config.at_least_float32`).
 
 Layers run under `jax.lax.scan` over the stacked parameters (optionally under `jax.checkpoint`),
 so compile time does not depend on depth. Positions come from the attention mask
@@ -23,18 +28,21 @@ import numpy as np
 
 from hfjax.models import attention as attention_lib
 from hfjax.models import lora as lora_lib
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
 
 CAPTURE_NAMES = ("attn_out", "mlp_out", "residual", "proj_inputs")
 """What `forward(capture=...)` can return, each stacked over layers [L, B, T, ...]:
-attn_out: the attention block's output a_l before perturbation and the residual add;
-mlp_out: the MLP block's output m_l; residual: the residual stream h_{l+1} after the layer;
+attn_out: the attention module's output (o_proj's) before perturbation, Gemma 2's post-attention
+norm and the residual add; mlp_out: the MLP module's output m_l (down_proj's) before Gemma 2's
+post-feed-forward norm; residual: the residual stream h_{l+1} after the layer;
 proj_inputs: {projection name: its input activations} for all seven projections."""
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies θ^(-2i/d), with HF's 'linear' and 'llama3' scaling."""
+    """RoPE inverse frequencies θ^(-2i/d), with HF's 'linear' and 'llama3' scaling, computed in
+    max(cfg.dtype, float32)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    dtype = at_least_float32(cfg.dtype)
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=dtype) / dim))
     scaling = cfg.rope_scaling_dict
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -50,12 +58,13 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
-    return inv_freq.astype(np.float32)
+    return inv_freq.astype(dtype)
 
 
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) [B, T, 1, hd] of the RoPE angles positions · θ_i (each frequency twice)."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    """(cos, sin) [B, T, 1, hd] of the RoPE angles positions · θ_i (each frequency twice),
+    computed in inv_freq's dtype and returned in `dtype`."""
+    freqs = positions.astype(inv_freq.dtype)[..., None] * inv_freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -72,16 +81,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """x / sqrt(mean(x²) + eps) · w  (Gemma 2: · (1 + w)), normalized in float32."""
-    xf = x.astype(jnp.float32)
+    """x / sqrt(mean(x²) + eps) · w  (Gemma 2: · (1 + w)), normalized in max(x.dtype, float32)."""
+    wide = at_least_float32(x.dtype)
+    xf = x.astype(wide)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
     if cfg.norm_weight_offset:
-        return (normed * (cfg.norm_weight_offset + weight.astype(jnp.float32))).astype(x.dtype)
+        return (normed * (cfg.norm_weight_offset + weight.astype(wide))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=False):
-    """x @ W (+ bias) (+ LoRA branch); records the input when capturing.
+def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=False,
+             dropout=0.0, dropout_key=None):
+    """x @ W (+ bias) (+ LoRA branch, its input under LoRA dropout p = `dropout` when
+    `dropout_key` is given: `lora.apply`); records the input when capturing.
 
     The matmuls run on x flattened to [B·T, in]: autodiff of a 2-D LoRA branch gives weight
     gradients dot(h, ∂y) contracting over tokens, which XLA CPU runs without transposing ∂y
@@ -94,7 +106,8 @@ def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=Fal
     y = x2 @ p["kernel"].astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
-    delta = lora_lib.apply(x2, layer_lora, name, scale, forward_mode_ad=forward_mode_ad)
+    delta = lora_lib.apply(x2, layer_lora, name, scale, forward_mode_ad=forward_mode_ad,
+                           dropout=dropout, dropout_key=dropout_key)
     y = y if delta is None else y + delta
     return y.reshape(*lead, y.shape[-1])
 
@@ -134,20 +147,23 @@ class KVCache:
                    next_pos=jnp.zeros((batch,), jnp.int32))
 
 
-def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, forward_mode_ad, h, xs):
+def _layer(cfg, rope, q_index, k_valid, lora_scale, lora_dropout, capture, forward_mode_ad, h,
+           xs):
     """One decoder layer.
 
-    xs = (layer params, layer LoRA or None, window, ε_l or None, (k, v) cache slices or None).
+    xs = (layer params, layer LoRA or None, window, ε_l or None, (k, v) cache slices or None,
+    the layer's LoRA dropout key or None).
     With a cache, the new keys/values are written at slots q_index and attention runs over all
     S slots (k_valid marks the filled ones); the updated slices are returned with the captures.
     rope = (cos, sin) tables from `rope_tables`, computed once for all layers.
     forward_mode_ad: the LoRA branches without their custom VJP (`lora.apply`).
     """
-    layer, layer_lora, window, eps, kv = xs
+    layer, layer_lora, window, eps, kv, drop_key = xs
     b, t, _ = h.shape
     proj_inputs: dict = {}
     proj = lambda x, name: _project(  # noqa: E731
-        x, layer, layer_lora, name, lora_scale, proj_inputs, forward_mode_ad)
+        x, layer, layer_lora, name, lora_scale, proj_inputs, forward_mode_ad, lora_dropout,
+        drop_key)
 
     x = rms_norm(h, layer["attn_norm"], cfg)
     q = proj(x, "q_proj").reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -163,22 +179,21 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, capture, forward_mode_ad, h,
     allowed = attention_lib.mask(q_index, k_index, k_valid, window)
     attn = attention_lib.attend(cfg, q, k, v, allowed, cached=kv is not None)
     attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
-    a = proj(attn, "o_proj")
-    if cfg.sandwich_norms:
-        a = rms_norm(a, layer["attn_post_norm"], cfg)
-    attn_out = a
+    a = attn_out = proj(attn, "o_proj")
     if eps is not None:
         a = a + eps.astype(a.dtype)
+    if cfg.sandwich_norms:
+        a = rms_norm(a, layer["attn_post_norm"], cfg)
     h = h + a
 
     x = rms_norm(h, layer["mlp_norm"], cfg)
-    m = _gated(cfg, proj(x, "gate_proj"), proj(x, "up_proj"))
-    m = proj(m, "down_proj")
+    m = mlp_out = proj(_gated(cfg, proj(x, "gate_proj"), proj(x, "up_proj")), "down_proj")
     if cfg.sandwich_norms:
         m = rms_norm(m, layer["mlp_post_norm"], cfg)
     h = h + m
 
-    everything = {"attn_out": attn_out, "mlp_out": m, "residual": h, "proj_inputs": proj_inputs}
+    everything = {"attn_out": attn_out, "mlp_out": mlp_out, "residual": h,
+                  "proj_inputs": proj_inputs}
     return h, ({name: everything[name] for name in capture}, None if kv is None else (k, v))
 
 
@@ -199,10 +214,11 @@ def stored_head(cfg: ModelConfig, params: dict) -> tuple[jax.Array, bool]:
 
 
 def head_matmul(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
-    """h [..., D] · W_out in float32 (accumulated and returned in f32 for bf16 h): [..., V].
+    """h [..., D] · W_out, accumulated and returned in max(h.dtype, float32): [..., V].
     w: a `stored_head` weight, [V, D] when vocab_major else [D, V]; cast to h's dtype."""
     dims = (((h.ndim - 1,), (1 if vocab_major else 0,)), ((), ()))
-    return jax.lax.dot_general(h, w.astype(h.dtype), dims, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(h, w.astype(h.dtype), dims,
+                               preferred_element_type=at_least_float32(h.dtype))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -222,12 +238,14 @@ def forward(
     kv_cache: KVCache | None = None,
     apply_head: bool = True,
     forward_mode_ad: bool = False,
+    dropout_rng: jax.Array | None = None,
 ):
-    """Logits [B, T, V] (float32) of a batch of token ids [B, T].
+    """Logits [B, T, V] (float32; float64 for a float64 model) of a batch of token ids [B, T].
 
     attention_mask: [B, T], 1 for tokens and 0 for padding (left or right); None = all tokens.
     lora: adapters added to the targeted projections (unmerged).
-    perturb: [L, B, T, D] added to every layer's attention output a_l (Vaccine's ε).
+    perturb: [L, B, T, D] added to every layer's attention output a_l (o_proj's output, before
+      Gemma 2's post-attention norm: Vaccine's ε).
     capture: names from CAPTURE_NAMES; when given, returns (logits, {name: [L, ...]}).
     kv_cache: continue from a cache (prefill or decode step): the T tokens are written at slots
       [index, index + T) and attend to every filled slot; returns (logits, updated cache).
@@ -236,6 +254,10 @@ def forward(
       the logits, for a loss that applies `head_weights` itself (`train.loss.head_cross_entropy`).
     forward_mode_ad: differentiate the LoRA branches by plain autodiff, so that forward mode
       (`jax.jvp`) works; by default their custom VJP (reverse mode only, faster: `lora.branch`).
+    dropout_rng: a key for LoRA dropout (training): with it and lora.dropout = p > 0, every LoRA
+      branch reads its input under inverted dropout, with masks drawn from
+      `lora.dropout_keys(dropout_rng, L)[l]` for layer l and `lora.dropout_mask` per target
+      module. Without it (evaluation, generation) or with p = 0 no dropout op is traced.
     """
     if kv_cache is not None and not apply_head:
         raise ValueError("apply_head=False is not supported together with kv_cache")
@@ -271,14 +293,17 @@ def forward(
         kv = (kv_cache.k, kv_cache.v)
     # cos/sin once, outside the layer loop (XLA does not hoist them out of the scan)
     rope = rope_tables(positions, rope_inv_freq(cfg), dtype)
+    dropout = lora.dropout if lora is not None and dropout_rng is not None else 0.0
     body = lambda carry, xs: _layer(  # noqa: E731
-        cfg, rope, q_index, k_valid,
-        lora.scale if lora is not None else 0.0, tuple(capture), forward_mode_ad, carry, xs,
+        cfg, rope, q_index, k_valid, lora.scale if lora is not None else 0.0, dropout,
+        tuple(capture), forward_mode_ad, carry, xs,
     )
     if cfg.remat:
         body = jax.checkpoint(body)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-    xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb, kv)
+    drop_keys = lora_lib.dropout_keys(dropout_rng, cfg.num_layers) if dropout else None
+    xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb, kv,
+          drop_keys)
     h, (captured, new_kv) = jax.lax.scan(body, h, xs,
                                          unroll=min(cfg.scan_unroll, cfg.num_layers))
 

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"
-_SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+_SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")  # the tensor dtypes read and written
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -138,10 +138,10 @@ def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype, supported=_SUPPORTED_DTYPES) -> str:
     name = jnp.dtype(dtype).name
-    if name not in _SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {_SUPPORTED_DTYPES}")
+    if name not in supported:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {supported}")
     return name
 
 
@@ -160,7 +160,7 @@ def read_config(path: str | os.PathLike, dtype=jnp.float32) -> ModelConfig:
     if not isinstance(d, dict):
         raise ModelConfigError(f"{cfg_path} does not hold a JSON object")
     try:
-        return config_lib.from_hf_dict(d, dtype=_dtype_name(dtype))
+        return config_lib.from_hf_dict(d, dtype=_dtype_name(dtype, config_lib.DTYPES))
     except ModelConfigError as e:
         raise ModelConfigError(f"{cfg_path}: {e}") from None
 
@@ -239,7 +239,8 @@ def read_param(ckpt: Checkpoint, m: WeightMapping, shape: tuple[int, ...], dtype
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
             rules: Mapping | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from an HF folder: config.json and model.safetensors or a sharded
-    model.safetensors.index.json. Weights are cast to `dtype` (the config's dtype too).
+    model.safetensors.index.json. Weights are cast to `dtype` (the config's dtype too): one of
+    `config.DTYPES`, float64 with 64-bit JAX (`jax_enable_x64`).
 
     With `mesh`, each parameter is created sharded by `rules` (default `hfjax.sharding.RULES`)
     and every device reads only its slice of the file(s); otherwise plain arrays on the default
@@ -366,7 +367,8 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping, dtype=No
     Files: config.json (`config.to_hf_dict`, "dtype" = the saved dtype) and model.safetensors,
     or, with `shard_size_bytes`, model-0000k-of-0000n.safetensors shards of at most that many
     bytes (a larger single tensor gets a shard of its own) and model.safetensors.index.json.
-    dtype: cast every tensor to it; None keeps each parameter's dtype.
+    dtype: cast every tensor to it (float32, float16 or bfloat16; a float64 model is saved with
+    an explicit one of these); None keeps each parameter's dtype.
     Everything is written to a temporary folder first: a new `path` appears by one rename; into
     an existing folder each file is moved by `os.replace` (other files, e.g. a tokenizer, stay,
     and weight files of an earlier save that the new one does not use are removed).

@@ -1,12 +1,15 @@
 """LoRA adapters as a separate pytree keyed like HF module names.
 
     W' x = W x + (alpha / r) · B A x
+    training with lora_dropout p:  W x + (alpha / r) · B A (m ⊙ x / (1 − p)),  m ~ Bernoulli(1 − p)
 
 hfjax stores, per targeted projection and stacked over layers (for `lax.scan`),
 A: [L, in, r] and B: [L, r, out] so that the update is `x @ A @ B * scale` (the transposes of
-PEFT's lora_A.weight [r, in] and lora_B.weight [out, r]).
+PEFT's lora_A.weight [r, in] and lora_B.weight [out, r]). Dropout (PEFT's `lora_dropout`: an
+`nn.Dropout` on the branch input of every target module) acts only where `forward` gets a
+`dropout_rng`, as hfjax's train step passes; evaluation, generation and `merge` have none.
 
-    lora = init(cfg, key, rank=8, alpha=16, targets=("q_proj", "v_proj"))  # PEFT's init
+    lora = init(cfg, key, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.05)
     params = merge(cfg, params, lora)                    # W += scale · A @ B
     save_peft(dir, cfg, lora); lora = load_peft(dir, cfg)  # PEFT adapter folders
 """
@@ -29,16 +32,18 @@ import numpy as np
 import safetensors.numpy
 
 from hfjax.errors import UserError
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.params import PROJECTIONS, projection_dims
 
 
 @flax.struct.dataclass
 class LoRA:
-    """LoRA weights {module: {"A": [L, in, r], "B": [L, r, out]}} and the static alpha."""
+    """LoRA weights {module: {"A": [L, in, r], "B": [L, r, out]}}, the static alpha and the
+    static dropout probability p of the branch inputs in training (PEFT's lora_dropout)."""
 
     weights: dict
     alpha: float = flax.struct.field(pytree_node=False, default=16.0)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -54,10 +59,27 @@ class LoRA:
         return self.alpha / self.rank
 
 
-def apply(x: jax.Array, layer_weights: dict | None, name: str, scale: float, *,
-          forward_mode_ad: bool = False) -> jax.Array | None:
-    """The LoRA branch ((x @ A) · scale) @ B for one layer's `name` projection, or None.
+def dropout_keys(rng: jax.Array, num_layers: int) -> jax.Array:
+    """The per-layer LoRA dropout keys of one training step: `jax.random.split(rng, L)`."""
+    return jax.random.split(rng, num_layers)
 
+
+def dropout_mask(layer_key: jax.Array, name: str, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """Which inputs of `name`'s LoRA branch dropout keeps (True) in one layer: Bernoulli(1 − p)
+    per element, drawn with fold_in(layer_key, index of name in PROJECTIONS), so every target
+    module of a layer has its own mask (PEFT: one nn.Dropout per module)."""
+    key = jax.random.fold_in(layer_key, PROJECTIONS.index(name))
+    return jax.random.bernoulli(key, 1.0 - p, shape)
+
+
+def apply(x: jax.Array, layer_weights: dict | None, name: str, scale: float, *,
+          forward_mode_ad: bool = False, dropout: float = 0.0,
+          dropout_key: jax.Array | None = None) -> jax.Array | None:
+    """The LoRA branch ((x' @ A) · scale) @ B for one layer's `name` projection, or None.
+
+    x' = x, or with dropout p > 0 and the layer's `dropout_key` (training), inverted dropout
+    x' = m ⊙ x · 1/(1 − p), m = `dropout_mask(dropout_key, name, p, x.shape)` (PEFT's
+    lora_B(lora_A(dropout(x))) · scaling); E_m[x'] = x, and the gradient flows through m.
     x: [N, in] in the compute dtype; A and B are cast to it. The scale multiplies the rank-r
     intermediate [N, r], not the [N, out] output as PEFT writes it (same value up to rounding;
     exact when scale is a power of two): no elementwise pass over [N, out] for it (f32 LoRA
@@ -68,6 +90,9 @@ def apply(x: jax.Array, layer_weights: dict | None, name: str, scale: float, *,
     """
     if layer_weights is None or name not in layer_weights:
         return None
+    if dropout and dropout_key is not None:
+        keep = dropout_mask(dropout_key, name, dropout, x.shape)
+        x = jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - dropout), x.dtype), 0)
     a, b = layer_weights[name]["A"], layer_weights[name]["B"]
     if forward_mode_ad:
         return _branch_forward(x, a, b, scale)[0]
@@ -82,7 +107,7 @@ _NT = (((1,), (1,)), ((), ()))  # lhs [m, k] · rhs [n, k]ᵀ
 def branch(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """y = (s·x A) B for x [N, in], A [in, r], B [r, out], in x's dtype; h = s·x A.
 
-    Its VJP for ∂y = G [N, out] (weight gradients accumulated in float32):
+    Its VJP for ∂y = G [N, out] (weight gradients accumulated in max(x.dtype, float32)):
 
         ∂h = s·G Bᵀ,   ∂x = ∂h Aᵀ,   ∂Aᵀ = ∂hᵀ x,   ∂B = hᵀ G,   (∂hᵀ, hᵀ) = I_r (∂hᵀ, hᵀ)
 
@@ -112,8 +137,9 @@ def _branch_backward(scale, residuals, g):
     dx = jax.lax.dot_general(dh, a_c, _NT)                          # [N, in]
     dh_t = jax.lax.dot_general(eye, dh, _NT)                        # [r, N] = ∂hᵀ, exact
     h_t = jax.lax.dot_general(eye, h, _NT)                          # [r, N] = hᵀ, exact
-    da_t = jax.lax.dot_general(dh_t, x, _NN, preferred_element_type=jnp.float32)  # [r, in]
-    db = jax.lax.dot_general(h_t, g, _NN, preferred_element_type=jnp.float32)     # [r, out]
+    acc = at_least_float32(x.dtype)
+    da_t = jax.lax.dot_general(dh_t, x, _NN, preferred_element_type=acc)  # [r, in]
+    db = jax.lax.dot_general(h_t, g, _NN, preferred_element_type=acc)     # [r, out]
     da = jax.lax.optimization_barrier(da_t).T
     return dx, da.astype(a.dtype), db.astype(b.dtype)
 
@@ -123,6 +149,14 @@ branch.defvjp(_branch_forward, _branch_backward)
 
 class LoRAError(UserError, ValueError):
     """A LoRA adapter that is invalid or that hfjax cannot represent."""
+
+
+def _check_dropout(p, where: str = "LoRA dropout") -> float:
+    """p as a float, or LoRAError unless it is a number with 0 <= p < 1."""
+    ok = isinstance(p, int | float | np.floating) and not isinstance(p, bool)
+    if not ok or not 0.0 <= float(p) < 1.0:
+        raise LoRAError(f"{where} must be a number in [0, 1), got {p!r}")
+    return float(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,14 +194,17 @@ def init(
     rank: int = 8,
     alpha: float = 16,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    dropout: float = 0.0,
 ) -> LoRA:
-    """A fresh adapter initialized as PEFT does (`init_lora_weights=True`), in float32.
+    """A fresh adapter initialized as PEFT does (`init_lora_weights=True`), in float32 (float64
+    for a float64 model: max(cfg.dtype, float32), the same draws).
 
     A ~ U(-b, b) with b = kaiming_uniform_bound(in) = 1/sqrt(in), drawn for PEFT's lora_A
     weight [r, in] (stored here transposed, [L, in, r]); B = 0 ([L, r, out]), so the adapted
-    model starts equal to the base model.
+    model starts equal to the base model. dropout: PEFT's lora_dropout p, in [0, 1).
     """
     targets = _check_targets(targets)
+    dropout = _check_dropout(dropout)
     if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
         raise LoRAError(f"LoRA rank must be an integer >= 1, got {rank!r}")
     rank = int(rank)
@@ -175,16 +212,15 @@ def init(
         raise LoRAError(f"LoRA alpha must be a finite number, got {alpha!r}")
     dims = projection_dims(cfg)
     n = cfg.num_layers
+    dtype = at_least_float32(cfg.dtype)
     keys = jax.random.split(key, len(targets))
     weights = {}
     for name, k in zip(targets, keys, strict=True):
         fin, fout = dims[name]
         bound = kaiming_uniform_bound(fin)
-        weights[name] = {
-            "A": jax.random.uniform(k, (n, fin, rank), jnp.float32, -bound, bound),
-            "B": jnp.zeros((n, rank, fout), jnp.float32),
-        }
-    return LoRA(weights=weights, alpha=float(alpha))
+        a = jax.random.uniform(k, (n, fin, rank), jnp.float32, -bound, bound)
+        weights[name] = {"A": a.astype(dtype), "B": jnp.zeros((n, rank, fout), dtype)}
+    return LoRA(weights=weights, alpha=float(alpha), dropout=dropout)
 
 
 def _check_against_cfg(cfg: ModelConfig, lora: LoRA) -> None:
@@ -209,10 +245,12 @@ def _check_against_cfg(cfg: ModelConfig, lora: LoRA) -> None:
 
 
 def merge(cfg: ModelConfig, params: dict, lora: LoRA) -> dict:
-    """Params with the adapter folded in: W[l] += (alpha / r) · A[l] @ B[l] for each target.
+    """Params with the adapter folded in: W[l] += (alpha / r) · A[l] @ B[l] for each target
+    (no dropout: PEFT merges the same way).
 
-    The product and the sum are computed in float32 and cast back to each kernel's dtype; the
-    input pytree is not modified (a new dict is returned, untouched leaves are shared).
+    The product and the sum are computed in max(kernel dtype, float32) and cast back to each
+    kernel's dtype; the input pytree is not modified (a new dict is returned, untouched leaves
+    are shared).
     """
     _check_against_cfg(cfg, lora)
     layers = dict(params["layers"])
@@ -220,10 +258,11 @@ def merge(cfg: ModelConfig, params: dict, lora: LoRA) -> dict:
         if name not in layers or "kernel" not in layers[name]:
             raise LoRAError(f"params have no layers.{name}.kernel to merge the adapter into")
         kernel = layers[name]["kernel"]
+        wide = at_least_float32(kernel.dtype)
         delta = jnp.einsum(
             "lir,lro->lio",
-            w["A"].astype(jnp.float32),
-            w["B"].astype(jnp.float32),
+            w["A"].astype(wide),
+            w["B"].astype(wide),
             precision=jax.lax.Precision.HIGHEST,
         )
         if tuple(kernel.shape) != tuple(delta.shape):
@@ -231,7 +270,7 @@ def merge(cfg: ModelConfig, params: dict, lora: LoRA) -> dict:
                 f"layers.{name}.kernel has shape {tuple(kernel.shape)} but the adapter's update "
                 f"has shape {tuple(delta.shape)}"
             )
-        merged = (kernel.astype(jnp.float32) + lora.scale * delta).astype(kernel.dtype)
+        merged = (kernel.astype(wide) + lora.scale * delta).astype(kernel.dtype)
         layers[name] = {**layers[name], "kernel": merged}
     return {**params, "layers": layers}
 
@@ -283,7 +322,7 @@ def peft_config(
         "lora_alpha": _json_number(lora.alpha),
         "target_modules": [name for name in PROJECTIONS if name in lora.weights],
         "exclude_modules": None,
-        "lora_dropout": 0.0,
+        "lora_dropout": float(lora.dropout),
         "fan_in_fan_out": False,
         "bias": "none",
         "use_rslora": False,
@@ -451,6 +490,8 @@ def _read_peft_config(path: Path) -> dict:
     alpha = config["lora_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
         raise LoRAError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    config["lora_dropout"] = _check_dropout(config.get("lora_dropout") or 0.0,
+                                            f"{path}: lora_dropout")
     return config
 
 
@@ -459,7 +500,8 @@ def load_peft(directory: str | os.PathLike, cfg: ModelConfig) -> LoRA:
 
     Accepts keys with or without PEFT's ".default" adapter name and target_modules as a list of
     module names (or "all-linear"); every target needs lora_A [r, in] and lora_B [out, r] for
-    every layer of `cfg`. Weights are returned as float32, A[l] = lora_Aᵀ, B[l] = lora_Bᵀ.
+    every layer of `cfg`. Weights are returned in max(cfg.dtype, float32), A[l] = lora_Aᵀ,
+    B[l] = lora_Bᵀ; `lora_dropout` (default 0) becomes the adapter's dropout.
     Raises FileNotFoundError for missing files and LoRAError for anything hfjax cannot map
     (rsLoRA, DoRA, biases, rank/alpha patterns, other modules, shape mismatches).
     """
@@ -477,6 +519,7 @@ def load_peft(directory: str | os.PathLike, cfg: ModelConfig) -> LoRA:
         raise FileNotFoundError(f"PEFT adapter {directory} has no {ADAPTER_WEIGHTS}{hint}")
     config = _read_peft_config(config_path)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    dropout = config["lora_dropout"]
     targets = _targets_from_config(config["target_modules"])
     layers_to_transform = config.get("layers_to_transform")
     if layers_to_transform is not None:
@@ -512,6 +555,7 @@ def load_peft(directory: str | os.PathLike, cfg: ModelConfig) -> LoRA:
         found[(name, layer, part)] = value
 
     dims = projection_dims(cfg)
+    dtype = at_least_float32(cfg.dtype)
     weights = {}
     for name in targets:
         fin, fout = dims[name]
@@ -531,7 +575,7 @@ def load_peft(directory: str | os.PathLike, cfg: ModelConfig) -> LoRA:
                     )
                 if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
                     raise LoRAError(f"{weights_path}: {key!r} has non-float dtype {value.dtype}")
-                per_layer.append(value.astype(np.float32).T)
+                per_layer.append(value.astype(dtype).T)
             stacked[part] = jnp.asarray(np.stack(per_layer))
         weights[name] = stacked
-    return LoRA(weights=weights, alpha=alpha)
+    return LoRA(weights=weights, alpha=alpha, dropout=dropout)

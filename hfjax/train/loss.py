@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from hfjax.models import forward
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.decoder import head_matmul, stored_head
 
 IGNORE_INDEX = -100
@@ -24,7 +24,8 @@ IGNORE_INDEX = -100
 
 @jax.custom_jvp
 def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """−log softmax(logits)[target] per position, logits [..., V] float32, targets [...] int.
+    """−log softmax(logits)[target] per position, logits [..., V] float32 (or float64), targets
+    [...] int.
 
         nll = logsumexp(z) − z_y,      ∂nll/∂z = softmax(z) − onehot(y)
 
@@ -63,7 +64,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     targets = _next_token_targets(labels)
     mask = targets != IGNORE_INDEX
     safe = jnp.where(mask, targets, 0)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(at_least_float32(logits.dtype))
     nll = _token_nll(logits, safe)
     tokens = mask.sum()
     denom = jnp.maximum(tokens, 1)
@@ -97,7 +98,7 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
     or its transpose [V, D] with vocab_major=True (tied embeddings as stored: pass
     `*decoder.stored_head(cfg, params)`). Same value and aux as `token_cross_entropy` of the
     logits `forward` would return. Under differentiation the logits' gradient is used where it
-    is made: per chunk of tokens, z = softcap(h W accumulated in float32) and
+    is made: per chunk of tokens, z = softcap(h W accumulated in max(h.dtype, float32)) and
 
         ∂L_sum/∂h = G Wᵀ,  ∂L_sum/∂W = hᵀ G,  G = m ⊙ (softmax(z) − onehot(y)) ⊙ ∂z/∂(h W),
 
@@ -161,7 +162,7 @@ def _head_chunk(form, h, head, targets, mask, grad_h: bool, grad_w: bool):
     dh = _contract(g, w, 1, 0 if vocab_major else 1) if grad_h else None
     dw = None
     if grad_w:  # [V, D] = Gᵀ h when vocab_major, else [D, V] = hᵀ G
-        dw = _contract(*((g, h) if vocab_major else (h, g)), 0, 0, jnp.float32)
+        dw = _contract(*((g, h) if vocab_major else (h, g)), 0, 0, at_least_float32(h.dtype))
     return loss, correct, dh, dw
 
 
@@ -173,7 +174,7 @@ def _contract(a, b, a_axis: int, b_axis: int, out=None):
 
 def _head_chunks(form, chunk, h, head, targets, mask, grad_h=False, grad_w=False):
     """`_head_chunk` over the chunks of tokens that hold loss-bearing ones: sums of the loss,
-    #correct and ∂W (float32), and ∂h [N, D] (zero at the tokens without a loss).
+    #correct and ∂W (max(h.dtype, float32)), and ∂h [N, D] (zero at the tokens without a loss).
 
     The tokens are ordered loss-bearing first (stable argsort of ¬mask) and padded to whole
     chunks; a loop (a `while` with ⌈#loss tokens / chunk⌉ trips) runs the head over the leading
@@ -195,9 +196,10 @@ def _head_chunks(form, chunk, h, head, targets, mask, grad_h=False, grad_w=False
             dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * chunk, axis=0)
         return loss + l_c, correct + c_c, dh, None if dw is None else dw + dw_c
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+    acc = at_least_float32(h.dtype)
+    init = (jnp.zeros((), acc), jnp.zeros((), jnp.int32),
             jnp.zeros((n + pad, d), h.dtype) if grad_h else None,
-            jnp.zeros(head.shape, jnp.float32) if grad_w else None)
+            jnp.zeros(head.shape, acc) if grad_w else None)
     loss, correct, dh_s, dw = jax.lax.fori_loop(0, trips, body, init)
     dh = None if dh_s is None else dh_s[jnp.argsort(order)]
     return loss, correct, dh, dw
@@ -236,8 +238,8 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
 
     LoRA mode: trainable is a `LoRA`, the base `frozen` params are fixed.
     Full fine-tuning: trainable is the whole params pytree and `frozen` is unused.
-    Extra keyword arguments (`perturb`, `capture`) go to `forward`; captured activations are
-    returned in aux["captured"].
+    Extra keyword arguments (`perturb`, `capture`, `dropout_rng`) go to `forward`; captured
+    activations are returned in aux["captured"].
     forward_mode_ad: False (default): the CE through the fused `head_cross_entropy` and the
     LoRA branches through their custom VJP (`models.lora.branch`), both reverse mode only.
     True: the logits and `token_cross_entropy`, and plain autodiff through the LoRA branches

@@ -11,12 +11,19 @@ args, so a defense chained before AdamW can evaluate losses at perturbed weights
 and on other batches. Frozen base weights are an argument (never a jit constant); the state is
 donated; every input and output has a sharding.
 
+Keys: (next state.rng, r) = split(state.rng); with LoRA dropout (a `LoRA` trainable whose
+dropout p > 0) also d = fold_in(state.rng, 2): every pass of the step, the oracle's included,
+runs with `forward(..., dropout_rng=d)` (one set of masks per step and batch shape), and d goes
+to the optimizer as the extra arg `dropout_rng`. With p = 0 the step traces no dropout op and no
+third key.
+
 Defense options (keyword-only, all off by default; `hfjax.defenses.StepOptions` sets them) change
 only what the one forward+backward of the step computes, see `primary_gradient`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,7 +31,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
+from hfjax.models.lora import LoRA
 from hfjax.train import state as state_lib
 from hfjax.train.loss import make_loss_fn
 
@@ -102,7 +110,7 @@ def primary_gradient(
     if primary_perturb is not None:
         eps = extra["perturbation"] = primary_perturb(rng, shape)
     if activation_grads:
-        eps = jnp.zeros(shape, jnp.float32) if eps is None else eps
+        eps = jnp.zeros(shape, at_least_float32(cfg.dtype)) if eps is None else eps
         (loss, aux), (grads, extra["perturb_grads"]) = jax.value_and_grad(
             objective, argnums=(0, 1), has_aux=True)(trainable, eps, batch)
     else:
@@ -156,11 +164,15 @@ def make_train_step(
     def step(state: state_lib.TrainState, frozen, batches: dict):
         loss_fn = make_loss_fn(cfg, frozen, full_finetune=full_finetune)
         rng, sub = jax.random.split(state.rng)
+        dropout_kw: dict = {}
+        if isinstance(state.trainable, LoRA) and state.trainable.dropout:
+            dropout_kw["dropout_rng"] = jax.random.fold_in(state.rng, 2)
+            loss_fn = functools.partial(loss_fn, **dropout_kw)
         loss, aux, grads, extra = primary_gradient(cfg, loss_fn, state.trainable, state.opt_state,
                                                    batches, sub, **defense_options)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable,
                                               loss_fn=loss_fn, batches=batches, rng=sub,
-                                              cfg=cfg, frozen=frozen, **extra)
+                                              cfg=cfg, frozen=frozen, **extra, **dropout_kw)
         trainable = optax.apply_updates(state.trainable, updates)
         grad_norm = optax.tree.norm(grads)
         metrics = {

@@ -3,7 +3,8 @@
 Tiansheng Huang, Sihao Hu, Ling Liu. "Vaccine: Perturbation-aware Alignment for Large Language
 Models against Harmful Fine-tuning Attack". NeurIPS 2024, arXiv:2402.01109 (git-disl/Vaccine).
 
-With a_l the attention block's output of layer l (before the residual add) and f the alignment
+With a_l the attention module's output of layer l (o_proj's, before Gemma 2's post-attention
+norm and the residual add: where the official code's forward hook adds ε) and f the alignment
 loss on the "align" batch:
 
     G_l = ∂f/∂a_l (θ; ε = 0)                 pass 1 (parameter gradients unused)
@@ -11,6 +12,7 @@ loss on the "align" batch:
     g   = ∇θ f(θ; a_l + sg(ε_l))             pass 2: the update direction (replaces the input)
 
 Random Vaccine (the paper's ablation) draws ε_l ~ N(0, ρ I) instead and needs one pass.
+G and ε are computed in max(model dtype, float32); the random ε is drawn in float32.
 
 Cost in hfjax's train step: Vaccine 2F+2B (`activation_grads`: the step's own backward on the
 "align" batch returns G as the extra arg `perturb_grads`, so pass 1 is free); random Vaccine
@@ -30,6 +32,7 @@ import optax
 
 from hfjax import gaussian
 from hfjax.defenses.api import ALIGN, Cost, DefenseError, StepOptions, register
+from hfjax.models.config import at_least_float32
 
 PAPER = ("Huang, Hu, Liu. Vaccine: Perturbation-aware Alignment for Large Language Models "
          "against Harmful Fine-tuning Attack. NeurIPS 2024, arXiv:2402.01109")
@@ -46,10 +49,12 @@ def random_perturbation(rng: jax.Array, shape: tuple[int, ...], rho: float) -> j
     return jnp.sqrt(rho) * gaussian.standard_normal(rng, shape)
 
 
-def perturb_shape(loss_fn, params, batch: dict) -> tuple[int, ...]:
-    """The [L, B, T, D] shape of the attention outputs for `batch` (traced, never run)."""
+def perturb_spec(loss_fn, params, batch: dict) -> jax.ShapeDtypeStruct:
+    """ε's [L, B, T, D] shape (the attention outputs' for `batch`) and dtype, max(their dtype,
+    float32) (traced, never run)."""
     _, aux = jax.eval_shape(lambda: loss_fn(params, batch, capture=("attn_out",)))
-    return tuple(aux["captured"]["attn_out"].shape)
+    a = aux["captured"]["attn_out"]
+    return jax.ShapeDtypeStruct(a.shape, at_least_float32(a.dtype))
 
 
 def _grad_at(loss_fn, params, batch: dict, eps: jax.Array):
@@ -89,7 +94,8 @@ def vaccine(rho: float = 2.0) -> optax.GradientTransformationExtraArgs:
         _needs(params, loss_fn, batches, "vaccine")
         batch = batches[ALIGN]
         if perturb_grads is None:
-            zeros = jnp.zeros(perturb_shape(loss_fn, params, batch), jnp.float32)
+            spec = perturb_spec(loss_fn, params, batch)
+            zeros = jnp.zeros(spec.shape, spec.dtype)
             perturb_grads = jax.grad(lambda e: loss_fn(params, batch, perturb=e)[0])(zeros)
         return _grad_at(loss_fn, params, batch, vaccine_perturbation(perturb_grads, rho)), state
 
@@ -121,7 +127,7 @@ def random_vaccine(rho: float = 2.0) -> optax.GradientTransformationExtraArgs:
         if rng is None:
             raise DefenseError("random_vaccine needs the extra arg rng (a jax.random key)")
         batch = batches[ALIGN]
-        eps = random_perturbation(rng, perturb_shape(loss_fn, params, batch), rho)
+        eps = random_perturbation(rng, perturb_spec(loss_fn, params, batch).shape, rho)
         return _grad_at(loss_fn, params, batch, eps), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)

@@ -32,7 +32,7 @@ import numpy as np
 
 from hfjax.defenses.api import Cost, DefenseError, register
 from hfjax.models import forward
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.lora import LoRA, _check_against_cfg
 
 PAPER = ("Huang et al. 2024, Antidote: Post-fine-tuning Safety Alignment for Large Language "
@@ -40,13 +40,15 @@ PAPER = ("Huang et al. 2024, Antidote: Post-fine-tuning Safety Alignment for Lar
 
 
 def _sum_squares(cfg: ModelConfig, params: dict, lora: LoRA, input_ids, attention_mask):
-    """Σ over real tokens of x_j² per LoRA input channel: {name: {"A": [L, in], "B": [L, r]}}."""
+    """Σ over real tokens of x_j² per LoRA input channel: {name: {"A": [L, in], "B": [L, r]}},
+    in max(dtype, float32)."""
     _, cap = forward(cfg, params, input_ids, attention_mask, lora=lora, capture=("proj_inputs",))
-    m = attention_mask.astype(jnp.float32)[None, :, :, None]
     out = {}
     for name, w in lora.weights.items():
-        x = cap["proj_inputs"][name].astype(jnp.float32) * m                  # [L, B, T, in]
-        z = jnp.einsum("lbti,lir->lbtr", x, w["A"].astype(jnp.float32),
+        x = cap["proj_inputs"][name]
+        wide = at_least_float32(jnp.result_type(x, w["A"]))
+        x = x.astype(wide) * attention_mask.astype(wide)[None, :, :, None]   # [L, B, T, in]
+        z = jnp.einsum("lbti,lir->lbtr", x, w["A"].astype(wide),
                        precision=jax.lax.Precision.HIGHEST)                   # [L, B, T, r]
         out[name] = {"A": jnp.sum(x * x, axis=(1, 2)), "B": jnp.sum(z * z, axis=(1, 2))}
     return out
@@ -65,7 +67,7 @@ def wanda_scores(cfg: ModelConfig, params: dict, lora: LoRA,
     """
     _check_against_cfg(cfg, lora)
     if calibration_batches is None:
-        mags = {n: {p: jnp.abs(w[p]).astype(jnp.float32) for p in ("A", "B")}
+        mags = {n: {p: jnp.abs(w[p]).astype(at_least_float32(w[p].dtype)) for p in ("A", "B")}
                 for n, w in lora.weights.items()}
         return mags, 0
     totals, tokens = None, 0
@@ -87,8 +89,8 @@ def wanda_scores(cfg: ModelConfig, params: dict, lora: LoRA,
     for name, w in lora.weights.items():
         norm_in = jnp.sqrt(totals[name]["A"])[:, :, None]    # [L, in, 1]
         norm_mid = jnp.sqrt(totals[name]["B"])[:, :, None]   # [L, r, 1]
-        scores[name] = {"A": jnp.abs(w["A"]).astype(jnp.float32) * norm_in,
-                        "B": jnp.abs(w["B"]).astype(jnp.float32) * norm_mid}
+        scores[name] = {"A": jnp.abs(w["A"]).astype(norm_in.dtype) * norm_in,
+                        "B": jnp.abs(w["B"]).astype(norm_mid.dtype) * norm_mid}
     return scores, tokens
 
 
@@ -122,7 +124,7 @@ def antidote(cfg: ModelConfig, params: dict, lora: LoRA,
         pruned[name] = {p: int(np.asarray(masks[name][p]).sum()) for p in ("A", "B")}
     report = {"dense_ratio": float(dense_ratio), "tokens": tokens, "pruned": pruned,
               "masks": masks}
-    return LoRA(weights=weights, alpha=lora.alpha), report
+    return lora.replace(weights=weights), report
 
 
 @register("antidote", stage="post", level="weights", cost=Cost(1, 0),

@@ -14,7 +14,8 @@ hfjax stores kernels K = Wᵀ [in, out], A_h = Aᵀ [in, r], B_h = Bᵀ [r, out]
 C = ΔKᵀ ΔK / ‖ΔK‖_F (symmetric), the projection is B_h ← B_h C and cos = cos(A_h B_h C, A_h B_h).
 Computed without forming C: B_h C = (B_h ΔKᵀ) ΔK / ‖ΔK‖_F, and with G = A_hᵀ A_h [r, r],
 ⟨A_h X, A_h Y⟩_F = Σ X ⊙ (G Y), so every inner product is an r × out one. One layer at a time
-(`lax.map`), so the only large temporary is one layer's ΔK. No training, no data.
+(`lax.map`), so the only large temporary is one layer's ΔK. No training, no data. Computed in
+max(dtype, float32) at HIGHEST matmul precision (float64 for float64 weights).
 
 As in the reference code: count mode takes the k-th smallest cos as the threshold, so ties at it
 are all projected; the LoRA scale α/r cancels in cos and commutes with the projection.
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.defenses.api import DefenseError, register
-from hfjax.models.config import ModelConfig
+from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.lora import LoRA, _check_against_cfg
 
 PAPER = ("Hsu et al. 2024, Safe LoRA: the Silver Lining of Reducing Safety Risks when "
@@ -45,8 +46,9 @@ _HI = jax.lax.Precision.HIGHEST
 def _layer_projection(base_k: jax.Array, aligned_k: jax.Array, a: jax.Array,
                       b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(cos, B_h C) for one layer: kernels [in, out], a [in, r], b [r, out] (hfjax layout)."""
-    dk = aligned_k.astype(jnp.float32) - base_k.astype(jnp.float32)
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    wide = at_least_float32(jnp.result_type(base_k, aligned_k, a, b))
+    dk = aligned_k.astype(wide) - base_k.astype(wide)
+    a, b = a.astype(wide), b.astype(wide)
     norm = jnp.sqrt(jnp.sum(dk * dk))
     bc = jnp.matmul(jnp.matmul(b, dk.T, precision=_HI), dk, precision=_HI)
     bc = bc / jnp.where(norm > 0, norm, 1.0)
@@ -55,7 +57,7 @@ def _layer_projection(base_k: jax.Array, aligned_k: jax.Array, a: jax.Array,
     sq_proj = jnp.sum(bc * jnp.matmul(g, bc, precision=_HI))
     sq_orig = jnp.sum(b * jnp.matmul(g, b, precision=_HI))
     denom = jnp.sqrt(jnp.maximum(sq_proj, 0.0) * jnp.maximum(sq_orig, 0.0))
-    cos = inner / jnp.maximum(denom, jnp.finfo(jnp.float32).tiny)  # C B A = 0 gives cos 0
+    cos = inner / jnp.maximum(denom, jnp.finfo(wide).tiny)  # C B A = 0 gives cos 0
     return jnp.where((norm > 0) & (sq_orig > 0), cos, jnp.nan), bc
 
 
@@ -124,7 +126,7 @@ def safelora(cfg: ModelConfig, base_params: dict, aligned_params: dict, lora: Lo
                for layer in range(table.shape[0]) for j, name in enumerate(names)]
     report = {"mode": mode, "threshold": cut, "num_projected": int(chosen.sum()),
               "modules": modules}
-    return LoRA(weights=weights, alpha=lora.alpha), report
+    return lora.replace(weights=weights), report
 
 
 @register("safelora", stage="post", level="weights", cost=None, batches=(), paper=PAPER)
