@@ -1,8 +1,11 @@
-"""RepNoise: the loss against an independent numpy computation, seeding, gradients, passes,
-the optax form against the fused objective, and 8 devices against one."""
+"""RepNoise: both variants against independent numpy computations (the official one a line by
+line transcription of the authors' `rep_noise_loss`), the official tokens by hand, noise
+seeding and replay, dtypes, gradients, passes, the optax form against the fused objective, and
+8 devices against one."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
@@ -11,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from defense_fixtures import FAST, GEMMA_LIKE, count_passes
+from defense_fixtures import FAST, GEMMA_LIKE, build_run, count_passes, named_batches
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hfjax import gaussian, sharding
@@ -22,6 +25,7 @@ from hfjax.models import params as params_lib
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
 from hfjax.train import state as state_lib
+from hfjax.train import step as step_lib
 from hfjax.train.loss import token_cross_entropy
 
 # the modules themselves: the packages re-export functions of the same names
@@ -34,8 +38,8 @@ CFG = ModelConfig(
 BASE = params_lib.init_random(CFG, jax.random.key(0), std=0.1)
 
 
-def _lora():
-    lora = lora_lib.init(CFG, jax.random.key(1), rank=4, alpha=8,
+def _lora(cfg=CFG):
+    lora = lora_lib.init(cfg, jax.random.key(1), rank=4, alpha=8,
                          targets=("q_proj", "v_proj", "down_proj"))
     keys = iter(jax.random.split(jax.random.key(2), 8))
     weights = {n: {**w, "B": 0.05 * jax.random.normal(next(keys), w["B"].shape)}
@@ -47,7 +51,12 @@ LORA = _lora()
 
 
 def paired_batches(batch=4, length=14, seed=0):
-    """{"harmful", "align"}: the same prompts, different answers, right padding."""
+    """{"harmful", "align"}: the same prompts, different answers, right padding with id 0.
+
+    So that the official mask ids_h ≠ ids_s differs from the harmful labels: rows 1 and 5 share
+    their second answer token (equal ids, unmasked), row 2's harmful answer holds token id 0
+    (never a label in the official CE), and several refusals are longer than their harmful
+    answer (the harmful padding is masked)."""
     r = np.random.default_rng(seed)
     out = {name: {"input_ids": np.zeros((batch, length), np.int32),
                   "attention_mask": np.zeros((batch, length), np.int32),
@@ -55,8 +64,13 @@ def paired_batches(batch=4, length=14, seed=0):
            for name in ("harmful", "align")}
     for i in range(batch):
         prompt = r.integers(1, CFG.vocab_size, 3 + i % 3)
-        for name, n_ans in (("harmful", 4 + i % 4), ("align", 3 + (i + 1) % 5)):
-            ans = r.integers(1, CFG.vocab_size, n_ans)
+        answers = {"harmful": r.integers(1, CFG.vocab_size, 4 + i % 4),
+                   "align": r.integers(1, CFG.vocab_size, 3 + (i + 2) % 5)}
+        if i % 4 == 1:
+            answers["align"][1] = answers["harmful"][1]
+        if i == 2:
+            answers["harmful"][2] = 0
+        for name, ans in answers.items():
             seq = np.concatenate([prompt, ans])
             b = out[name]
             b["input_ids"][i, :len(seq)] = seq
@@ -97,15 +111,68 @@ def np_ce(logits, labels):
     return (nll * mask).sum() / mask.sum()
 
 
-def np_lens(cfg, params, h):
+def np_masked_token_ce(logits, ids, mask):
+    """The authors' masked_token_ce_loss (loss.py:52-71), line by line."""
+    shift_logits = logits[:, :-1].astype(np.float64) * mask[:, :-1, None]
+    shift_labels = ids[:, 1:] * mask[:, 1:]
+    shift_labels = np.where(shift_labels == 0, -100, shift_labels)
+    return np_ce(np.concatenate([shift_logits, shift_logits[:, :1]], 1),
+                 np.concatenate([np.full_like(shift_labels[:, :1], -100), shift_labels], 1))
+
+
+def np_head(cfg, params):
     p = jax.tree.map(np.asarray, params)
-    head = p["embed_tokens"].T if cfg.tie_word_embeddings else p["lm_head"]
-    logits = np_rms_norm(h, p["final_norm"], cfg.rms_norm_eps, cfg.norm_weight_offset) @ head
+    return p["embed_tokens"].T if cfg.tie_word_embeddings else p["lm_head"]
+
+
+def np_norm(cfg, params, h):
+    return np_rms_norm(h, np.asarray(params["final_norm"]), cfg.rms_norm_eps,
+                       cfg.norm_weight_offset)
+
+
+def np_lens(cfg, params, h):
+    logits = np_norm(cfg, params, h) @ np_head(cfg, params)
     cap = cfg.final_logit_softcap
     return cap * np.tanh(logits / cap) if cap else logits
 
 
+def np_embed(cfg, params, ids):
+    embed = np.asarray(params["embed_tokens"], np.float64)[ids]
+    return embed * cfg.hidden_size**0.5 if cfg.scale_embeddings else embed
+
+
+def np_mmd_term(mlp, mask, noise):
+    m = mask[:, :, None]
+    n_layers, b = mlp.shape[:2]
+    return np.mean([np_mmd((mlp[i] * m).reshape(b, -1), (noise[i] * m).reshape(b, -1))
+                    for i in range(n_layers)])
+
+
+def np_official(cfg, params, lora, batches, noise, alpha, beta):
+    """The authors' rep_noise_loss (loss.py:74-130) in numpy from hfjax's captures:
+    {loss, ce_safe, ce_harmful, lens_ce, mmd}."""
+    h, s = batches["harmful"], batches["align"]
+    logits_h, cap = forward(cfg, params, h["input_ids"], h["attention_mask"], lora=lora,
+                            capture=("mlp_out", "residual"))
+    logits_s = forward(cfg, params, s["input_ids"], s["attention_mask"], lora=lora)
+    mask = h["input_ids"] != s["input_ids"]
+    mmd = np_mmd_term(np.asarray(cap["mlp_out"], np.float64), mask, np.asarray(noise))
+    residual = [np.asarray(x, np.float64) for x in cap["residual"]]
+    hidden_states = ([np_embed(cfg, params, h["input_ids"])] + residual[:-1]
+                     + [np_norm(cfg, params, residual[-1])])
+    ce_harmful = np_masked_token_ce(np.asarray(logits_h), h["input_ids"], mask)
+    harmful_losses = ce_harmful
+    for hs in hidden_states:
+        harmful_losses += np_masked_token_ce(np_norm(cfg, params, hs) @ np_head(cfg, params),
+                                             h["input_ids"], mask)
+    lens_ce = harmful_losses / len(hidden_states)
+    ce_safe = np_masked_token_ce(np.asarray(logits_s), s["input_ids"], mask)
+    return {"loss": ce_safe + beta * mmd - alpha * np.log(lens_ce + 1), "ce_safe": ce_safe,
+            "ce_harmful": ce_harmful, "lens_ce": lens_ce, "mmd": mmd}
+
+
 # --------------------------------------------------------------------------------------------
+# pieces
 
 
 def test_mmd_matches_numpy_with_explicit_pairwise_differences():
@@ -134,6 +201,18 @@ def test_mmd_gradient_treats_the_bandwidth_as_a_constant():
                                rtol=1e-4, atol=1e-7)
 
 
+def test_mmd_computes_in_float32_for_bfloat16_and_in_float64_for_float64():
+    r = np.random.default_rng(2)
+    x, y = r.normal(size=(4, 50)), r.normal(size=(4, 50))
+    low = rn.mmd(jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16))
+    assert low.dtype == jnp.float32
+    with jax.enable_x64(True):
+        got = rn.mmd(jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64))
+        assert got.dtype == jnp.float64
+        # float32 rounding alone would leave ~1e-7 relative
+        assert float(got) == pytest.approx(np_mmd(x, y), rel=1e-12)
+
+
 @pytest.mark.parametrize("cfg", [CFG, GEMMA_LIKE], ids=["llama", "gemma2-like"])
 def test_logit_lens_of_the_last_residual_is_the_models_logits(cfg):
     params = params_lib.init_random(cfg, jax.random.key(3), std=0.1)
@@ -150,19 +229,109 @@ def test_logit_lens_of_the_last_residual_is_the_models_logits(cfg):
                                atol=1e-4)
 
 
-def objective(t, f, b, k, alpha, beta):
-    return rn.repnoise_loss(CFG, f, alpha, beta)(t, b, k)
+def test_official_targets_by_hand():
+    # prompt 7 8; the answers differ at t = 2 and 4..6, agree at t = 3; the harmful answer ends
+    # at t = 5 (pad 0 at t = 6), the safe one runs on with token 2 at t = 5, 6
+    ids_h = np.array([[7, 8, 3, 4, 5, 6, 0]])
+    ids_s = np.array([[7, 8, 9, 4, 1, 2, 2]])
+    m = rn.official_mask(ids_h, ids_s)
+    np.testing.assert_array_equal(m, [[0, 0, 1, 0, 1, 1, 1]])
+    # harmful: counted t ∈ {2, 4, 5} (t = 6 is id 0); 2 and 4 follow an unmasked token
+    labels, uniform, tokens = rn.official_targets(ids_h, m)
+    np.testing.assert_array_equal(labels, [[-100, -100, -100, -100, -100, 6, -100]])
+    assert (int(uniform), int(tokens)) == (2, 3)
+    # safe: counted t ∈ {2, 4, 5, 6}; the harmful batch's padding is the safe one's tokens
+    labels, uniform, tokens = rn.official_targets(ids_s, m)
+    np.testing.assert_array_equal(labels, [[-100, -100, -100, -100, -100, 2, 2]])
+    assert (int(uniform), int(tokens)) == (2, 4)
+
+
+def test_masked_ce_equals_the_authors_masked_token_ce_loss_by_hand():
+    r = np.random.default_rng(3)
+    hidden = r.normal(size=(2, 7, 16))
+    head = r.normal(size=(16, 11))
+    ids = np.array([[4, 5, 6, 7, 0, 3, 9], [4, 5, 1, 2, 10, 8, 0]])
+    mask = np.array([[0, 1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0]], bool)
+    got = rn.masked_ce(jnp.asarray(hidden, jnp.float32), jnp.asarray(head, jnp.float32), False,
+                        None, rn.official_targets(ids, mask))[0]
+    # by hand: the counted tokens (t ≥ 1, m_t, id ≠ 0) are row 0 t ∈ {1, 2, 5, 6} and row 1
+    # t ∈ {2, 3, 4}; row 0 t = 1 and row 1 t = 2 follow an unmasked token (zero logits)
+    logits = hidden @ head
+    terms = []
+    for b, t in [(0, 1), (0, 2), (0, 5), (0, 6), (1, 2), (1, 3), (1, 4)]:
+        z = logits[b, t - 1] * mask[b, t - 1]
+        terms.append(np.log(np.exp(z).sum()) - z[ids[b, t]])
+    assert float(got) == pytest.approx(np.mean(terms), rel=1e-5)
+    assert float(got) == pytest.approx(np_masked_token_ce(logits, ids, mask), rel=1e-5)
+
+
+def test_the_fixtures_official_mask_differs_from_the_harmful_labels():
+    """The comparisons below can tell the variants apart: ids_h ≠ ids_s is not the response."""
+    ids_mask = BATCHES["harmful"]["input_ids"] != BATCHES["align"]["input_ids"]
+    labels_mask = BATCHES["harmful"]["labels"] != -100
+    assert np.any(ids_mask & ~labels_mask)  # the harmful padding under a longer refusal
+    assert np.any(labels_mask & ~ids_mask)  # answer tokens equal in both
+    assert np.any(labels_mask & (BATCHES["harmful"]["input_ids"] == 0))
+
+
+def test_the_official_mask_needs_batches_of_one_shape():
+    short = {**BATCHES, "align": jax.tree.map(lambda x: x[:, :10], BATCHES["align"])}
+    with pytest.raises(api.DefenseError, match="one .B, T. shape"):
+        rn.repnoise_loss(CFG, BASE)(LORA, short, jax.random.key(0))
+    rn.repnoise_loss(CFG, BASE, variant="labels")(LORA, short, jax.random.key(0))
+
+
+# --------------------------------------------------------------------------------------------
+# the objective
+
+
+def objective(t, f, b, k, alpha, beta, variant="official", noise=None):
+    return rn.repnoise_loss(CFG, f, alpha, beta, variant=variant)(t, b, k, noise)
 
 
 @pytest.fixture(scope="module")
 def vg():
-    """The objective's ((loss, aux), grad), compiled once for the module."""
-    return jax.jit(jax.value_and_grad(objective, has_aux=True), compiler_options=FAST)
+    """The objective's ((loss, aux), grad), compiled once per variant for the module."""
+    return jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnames="variant",
+                   compiler_options=FAST)
 
 
-def test_repnoise_loss_equals_an_independent_numpy_computation(vg):
+@pytest.mark.parametrize("cfg", [CFG, GEMMA_LIKE], ids=["llama", "gemma2-like"])
+def test_official_objective_equals_a_numpy_transcription_of_rep_noise_loss(cfg):
+    params = BASE if cfg is CFG else params_lib.init_random(cfg, jax.random.key(7), std=0.1)
+    lora = LORA if cfg is CFG else _lora(cfg)
     alpha, beta, key = 0.7, 1.0, jax.random.key(5)
-    (loss, aux), _ = vg(LORA, BASE, BATCHES, key, alpha, beta)
+    loss_fn = rn.repnoise_loss(cfg, params, alpha, beta)
+    loss, aux = jax.jit(loss_fn, compiler_options=FAST)(lora, BATCHES, key)
+    shape = (cfg.num_layers, *BATCHES["harmful"]["input_ids"].shape, cfg.hidden_size)
+    want = np_official(cfg, params, lora, BATCHES, gaussian.standard_normal(key, shape), alpha,
+                       beta)
+    for name in ("ce_safe", "ce_harmful", "lens_ce", "mmd"):
+        assert float(aux[name]) == pytest.approx(want[name], rel=1e-5), name
+    assert float(loss) == pytest.approx(want["loss"], rel=1e-5)
+    assert want["mmd"] > 1e-3  # the noise term is not trivially zero on this batch
+    labels = rn.repnoise_loss(cfg, params, alpha, beta, variant="labels")(lora, BATCHES, key)[0]
+    assert abs(float(labels) - want["loss"]) > 1e-2  # the variants differ on this batch
+
+
+def test_official_objective_stays_float64_for_a_float64_model():
+    with jax.enable_x64(True):
+        cfg = dataclasses.replace(CFG, dtype="float64")
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), BASE)
+        lora = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), LORA)
+        key = jax.random.key(5)
+        loss, aux = jax.jit(rn.repnoise_loss(cfg, params, 0.7, 1.0))(lora, BATCHES, key)
+        assert loss.dtype == jnp.float64 and aux["mmd"].dtype == jnp.float64
+        shape = (CFG.num_layers, *BATCHES["harmful"]["input_ids"].shape, CFG.hidden_size)
+        want = np_official(cfg, params, lora, BATCHES, gaussian.standard_normal(key, shape),
+                           0.7, 1.0)
+        # float32 anywhere on the way would leave ~1e-7 relative
+        assert float(loss) == pytest.approx(want["loss"], rel=1e-11)
+
+
+def test_labels_objective_equals_an_independent_numpy_computation(vg):
+    alpha, beta, key = 0.7, 1.0, jax.random.key(5)
+    (loss, aux), _ = vg(LORA, BASE, BATCHES, key, alpha, beta, variant="labels")
 
     h, s = BATCHES["harmful"], BATCHES["align"]
     run = jax.jit(lambda b, capture: forward(CFG, BASE, b["input_ids"], b["attention_mask"],
@@ -170,13 +339,9 @@ def test_repnoise_loss_equals_an_independent_numpy_computation(vg):
     logits_h, cap = run(h, ("mlp_out", "residual"))
     logits_s = run(s, ())
     mlp = np.asarray(cap["mlp_out"], np.float64)                      # [L, B, T, D]
-    m = (h["labels"] != -100)[None, :, :, None]
     noise = np.asarray(gaussian.standard_normal(key, mlp.shape), np.float64)
-    n_layers, b = mlp.shape[:2]
-    want_mmd = np.mean([np_mmd((mlp[i] * m[0]).reshape(b, -1), (noise[i] * m[0]).reshape(b, -1))
-                        for i in range(n_layers)])
-    embed = np.asarray(BASE["embed_tokens"])[h["input_ids"]]
-    states = [embed] + [np.asarray(cap["residual"][i]) for i in range(n_layers)]
+    want_mmd = np_mmd_term(mlp, h["labels"] != -100, noise)
+    states = [np_embed(CFG, BASE, h["input_ids"])] + [np.asarray(x) for x in cap["residual"]]
     want_lens = np.mean([np_ce(np_lens(CFG, BASE, st), h["labels"]) for st in states])
     want_ce_safe = np_ce(np.asarray(logits_s), s["labels"])
     want = want_ce_safe + beta * want_mmd - alpha * np.log(1 + want_lens)
@@ -187,15 +352,26 @@ def test_repnoise_loss_equals_an_independent_numpy_computation(vg):
     assert float(aux["ce_harmful"]) == pytest.approx(np_ce(np.asarray(logits_h), h["labels"]),
                                                      rel=1e-5)
     assert float(loss) == pytest.approx(want, rel=1e-5)
-    assert want_mmd > 1e-3  # the noise term is not trivially zero on this batch
+    assert want_mmd > 1e-3
 
 
-def test_repnoise_noise_is_seeded_by_rng(vg):
-    mmd = lambda k: float(vg(LORA, BASE, BATCHES, k, 1.0, 1e-3)[0][1]["mmd"])  # noqa: E731
-    assert mmd(jax.random.key(11)) == mmd(jax.random.key(11))
-    assert mmd(jax.random.key(11)) != mmd(jax.random.key(12))
-    with pytest.raises(ValueError, match="rng"):
+def test_repnoise_noise_is_seeded_by_rng_and_replayed_from_the_noise_argument(vg):
+    def run(key, noise=None):
+        (_, aux), g = vg(LORA, BASE, BATCHES, key, 1.0, 1.0, noise=noise)
+        return float(aux["mmd"]), g
+
+    (a, ga), (b, _), (c, _) = run(jax.random.key(11)), run(jax.random.key(11)), \
+        run(jax.random.key(12))
+    assert a == b and a != c
+    shape = (CFG.num_layers, *BATCHES["harmful"]["input_ids"].shape, CFG.hidden_size)
+    replayed, g_replayed = run(None, gaussian.standard_normal(jax.random.key(11), shape))
+    assert replayed == a
+    for x, y in zip(jax.tree.leaves(g_replayed), jax.tree.leaves(ga), strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(api.DefenseError, match="rng"):
         rn.repnoise_loss(CFG, BASE)(LORA, BATCHES)
+    with pytest.raises(api.DefenseError, match=r"\[L, B, T, D\]"):
+        rn.repnoise_loss(CFG, BASE)(LORA, BATCHES, noise=np.zeros((1, 8, 14, 64), np.float32))
 
 
 def test_repnoise_gradients_are_finite_and_reach_every_lora_matrix(vg):
@@ -208,12 +384,30 @@ def test_repnoise_gradients_are_finite_and_reach_every_lora_matrix(vg):
             assert np.abs(arr).max() > 0, (name, part)
 
 
-def test_repnoise_loss_runs_two_forwards_and_one_backward_sweep_through_both():
-    args = (LORA, BASE, BATCHES, jax.random.key(1), 1.0, 1e-3)
+@pytest.mark.parametrize("variant", rn.VARIANTS)
+def test_repnoise_loss_runs_two_forwards_and_one_backward_sweep_through_both(variant):
+    args = (LORA, BASE, BATCHES, jax.random.key(1), 1.0, 1e-3, variant)
     # One value_and_grad sweep: the layer scans of x_harm (with captures) and x_safe, reversed.
-    jaxpr = jax.make_jaxpr(jax.value_and_grad(objective, has_aux=True))(*args)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(objective, has_aux=True),
+                           static_argnums=6)(*args)
     assert count_passes(jaxpr.jaxpr, CFG.num_layers) == Cost(2, 2)
-    assert count_passes(jax.make_jaxpr(objective)(*args).jaxpr, CFG.num_layers) == Cost(2, 0)
+    forward_only = jax.make_jaxpr(objective, static_argnums=6)(*args)
+    assert count_passes(forward_only.jaxpr, CFG.num_layers) == Cost(2, 0)
+
+
+@pytest.mark.parametrize("variant, cost", [("official", Cost(3, 3)), ("labels", Cost(2, 2))])
+def test_passes_in_the_jitted_train_step_are_the_declared_ones(variant, cost):
+    """Official: the step's pass on "align" plus the whole objective here; labels: the step's
+    pass plus one on the harmful batch. The registry declares the default's."""
+    mesh, fn, st, frozen = build_run((1, 1, 1), "repnoise", variant=variant)
+    batches = named_batches(0)
+    length = batches["harmful"]["input_ids"].shape[1]
+    batches["align"] = {k: np.pad(v, ((0, 0), (0, length - v.shape[1])),
+                                  constant_values=-100 if k == "labels" else 0)
+                        for k, v in batches["align"].items()}
+    jaxpr = jax.make_jaxpr(fn.fn)(st, frozen, step_lib.put_batches(batches, mesh))
+    assert count_passes(jaxpr.jaxpr) == cost
+    assert api.get("repnoise").cost == Cost(3, 3)
 
 
 def test_repnoise_full_finetuning_on_merged_weights_equals_the_lora_loss(vg):
@@ -226,26 +420,42 @@ def test_repnoise_full_finetuning_on_merged_weights_equals_the_lora_loss(vg):
         assert float(got[1][name]) == pytest.approx(float(want[1][name]), rel=1e-4), name
 
 
-def test_repnoise_transform_adds_the_gradient_of_the_harmful_terms(vg):
+def _transform_update(**hparams):
+    tx = api.get("repnoise").build(**hparams)
+    update = lambda g, s, t, b, k, f: tx.update(  # noqa: E731
+        g, s, t, batches=b, rng=k, cfg=CFG, frozen=f)
+    return tx, jax.jit(update, compiler_options=FAST), update
+
+
+def test_official_transform_replaces_the_gradient_by_the_objectives(vg):
+    rng = jax.random.key(9)
+    (_, _), want = vg(LORA, BASE, BATCHES, rng, 0.5, 0.01)
+    tx, update, _ = _transform_update(alpha=0.5, beta=0.01)
+    for incoming in (jnp.zeros_like, jnp.ones_like):
+        got, _ = update(jax.tree.map(incoming, LORA), tx.init(LORA), LORA, BATCHES, rng, BASE)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_labels_transform_adds_the_gradient_of_the_harmful_terms(vg):
     rng = jax.random.key(9)
     # With no response token in the align batch CE(x_s) = 0, so the objective's gradient is the
     # gradient of β R_mmd − α log(1 + R_lens) alone: what the transform adds to the step's g.
     no_align = {**BATCHES, "align": {**BATCHES["align"],
                                      "labels": np.full_like(BATCHES["align"]["labels"], -100)}}
-    (_, _), want = vg(LORA, BASE, no_align, rng, 0.5, 0.01)
-    tx = api.get("repnoise").build(alpha=0.5, beta=0.01)
-    update = lambda g, s, t, b, k, f: tx.update(  # noqa: E731
-        g, s, t, batches=b, rng=k, cfg=CFG, frozen=f)
+    (_, _), want = vg(LORA, BASE, no_align, rng, 0.5, 0.01, variant="labels")
+    tx, update, plain = _transform_update(alpha=0.5, beta=0.01, variant="labels")
     args = (jax.tree.map(jnp.ones_like, LORA), tx.init(LORA), LORA, BATCHES, rng, BASE)
-    got, _ = jax.jit(update, compiler_options=FAST)(*args)
+    got, _ = update(*args)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a) - 1.0, b, rtol=1e-4, atol=1e-6)
     # the transform adds one F+B on the harmful batch (the step's own pass is the align one)
-    assert count_passes(jax.make_jaxpr(update)(*args).jaxpr, CFG.num_layers) == Cost(1, 1)
+    assert count_passes(jax.make_jaxpr(plain)(*args).jaxpr, CFG.num_layers) == Cost(1, 1)
 
 
-def test_repnoise_chains_with_adamw_in_a_plain_user_loop(vg):
-    opt = optax.chain(rn.repnoise(alpha=1.0, beta=1e-3), optax.adamw(1e-2))
+@pytest.mark.parametrize("variant", rn.VARIANTS)
+def test_repnoise_chains_with_adamw_in_a_plain_user_loop(vg, variant):
+    opt = optax.chain(rn.repnoise(alpha=1.0, beta=1e-3, variant=variant), optax.adamw(1e-2))
     align = BATCHES["align"]
 
     @functools.partial(jax.jit, compiler_options=FAST)
@@ -258,7 +468,8 @@ def test_repnoise_chains_with_adamw_in_a_plain_user_loop(vg):
         return optax.apply_updates(lora, u), state
 
     lora, state = LORA, opt.init(LORA)
-    loss = lambda t: float(vg(t, BASE, BATCHES, jax.random.key(0), 1.0, 1e-3)[0][0])  # noqa
+    loss = lambda t: float(vg(t, BASE, BATCHES, jax.random.key(0), 1.0, 1e-3,  # noqa: E731
+                              variant=variant)[0][0])
     before = loss(lora)
     for i in range(5):
         lora, state = step(lora, state, BASE, BATCHES, jax.random.key(i))
@@ -268,13 +479,18 @@ def test_repnoise_chains_with_adamw_in_a_plain_user_loop(vg):
 def test_repnoise_is_registered_with_its_defaults_cost_and_step_options():
     spec = api.get("repnoise")
     assert (spec.stage, spec.level) == ("alignment", "gradient")
-    assert spec.hyperparameters["alpha"] == 1.0 and spec.hyperparameters["beta"] == 1e-3
-    assert str(spec.cost) == "2F+2B"
+    hp = spec.hyperparameters
+    assert (hp["alpha"], hp["beta"], hp["variant"], hp["pairing"]) == \
+        (1.0, 1e-3, "official", "paired")
+    assert str(spec.cost) == "3F+3B"
     assert set(spec.batches) == {"align", "harmful"}
     assert spec.step_options().primary == "align"
+    assert spec.step_options(variant="labels", pairing="unpaired").primary == "align"
     assert isinstance(spec.build(), optax.GradientTransformationExtraArgs)
-    with pytest.raises(api.DefenseError):
-        spec.build(gamma=1.0)
+    for bad in ({"gamma": 1.0}, {"variant": "paper"}, {"pairing": "shuffled"},
+                {"kernel_num": 0}):
+        with pytest.raises(api.DefenseError):
+            spec.build(**bad)
 
 
 def test_repnoise_on_8_devices_equals_one_device(vg):
@@ -290,4 +506,4 @@ def test_repnoise_on_8_devices_equals_one_device(vg):
     assert len(batches["harmful"]["input_ids"].sharding.device_set) == 8
     assert float(l8) == pytest.approx(float(l1), rel=1e-5)
     for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -72,6 +72,9 @@ class StepOptions:
       ε is passed on as the extra arg `perturbation`.
     batch_sizes: rows per batch of named extra streams where the method fixes them (SafeInstr's
       alignment batch of 4); other streams take the run's batch size. Not a step keyword.
+    paired: batch names that come from one record list row by row, padded to one length (RepNoise:
+      ("align", "harmful") = each harmful prompt with its refusal and with its harmful answer);
+      the first reads the records' "refusal", the others their "response". Not a step keyword.
     """
 
     primary: str | tuple[str, ...] = USER
@@ -79,11 +82,12 @@ class StepOptions:
     activation_grads: bool = False
     primary_perturb: Callable[[Any, tuple[int, ...]], Any] | None = None
     batch_sizes: tuple[tuple[str, int], ...] = ()
+    paired: tuple[str, ...] = ()
 
     def step_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for `make_train_step`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "batch_sizes"}
+                if f.name not in ("batch_sizes", "paired")}
 
     @property
     def batch_names(self) -> tuple[str, ...]:
