@@ -26,7 +26,7 @@ from hfjax.defenses import Cost
 from hfjax.train import optim, step
 
 DOCS = Path(__file__).parents[1] / "docs" / "defenses.md"
-GRADIENT = ("booster", "lisa", "random_vaccine", "safe_instr", "vaccine")
+GRADIENT = ("booster", "booster_perturb_aware", "lisa", "random_vaccine", "safe_instr", "vaccine")
 METHODS = GRADIENT + ("safe_instr_mix",)
 ARXIV = re.compile(r"arXiv:\d{4}\.\d{5}")
 
@@ -38,6 +38,7 @@ def test_registry_declares_stage_level_cost_batches_and_paper_of_each_method():
         "vaccine": ("alignment", "gradient", "2F+2B", ("align",)),
         "random_vaccine": ("alignment", "gradient", "1F+1B", ("align",)),
         "booster": ("alignment", "gradient", "3F+3B", ("align", "harmful")),
+        "booster_perturb_aware": ("alignment", "gradient", "4F+4B", ("align", "harmful")),
         "lisa": ("finetune", "gradient", "1F+1B", ("align", "user")),
         "safe_instr": ("finetune", "gradient", "2F+2B", ("user", "align")),
         "safe_instr_mix": ("finetune", "data", "1F+1B", ("user",)),
@@ -54,6 +55,7 @@ def test_hyperparameters_are_factory_kwargs_with_the_papers_defaults():
         "vaccine": {"rho": 2.0},
         "random_vaccine": {"rho": 2.0},
         "booster": {"lam": 5.0, "alpha": 0.1},
+        "booster_perturb_aware": {"lam": 5.0, "alpha": 0.1, "rho": 5.0},
         "lisa": {"rho": 1.0, "align_steps": 100, "finetune_steps": 900, "proximal_after": 0},
         "safe_instr": {"lam": 0.1},
         "safe_instr_mix": {"guide_data_num": 100, "seed": 0},

@@ -330,6 +330,7 @@ def test_defense_inputs_are_passed_by_name_and_a_missing_one_is_named():
 DEFENSE_STAGES = [
     ("align_defense", "vaccine", ["align"]), ("align_defense", "random_vaccine", ["align"]),
     ("align_defense", "booster", ["align"]), ("align_defense", "repnoise", ["align"]),
+    ("align_defense", "booster_perturb_aware", ["align"]),
     ("finetune_defense", "lisa", ["align", "finetune"]),
     ("finetune_defense", "safe_instr", ["align", "finetune"]),
     ("finetune_defense", "safe_instr_mix", ["align", "finetune"]),

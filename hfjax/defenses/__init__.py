@@ -10,6 +10,7 @@ Importing this package registers every method (`available()` lists them).
 
 from hfjax.defenses.alignment import (
     booster,
+    booster_perturb_aware,
     harmful_perturbation_gap,
     random_perturbation,
     random_vaccine,
@@ -45,7 +46,8 @@ from hfjax.defenses.post import antidote, safelora
 
 __all__ = [
     "ALIGN", "HARMFUL", "LEVELS", "STAGES", "USER", "Cost", "DefenseError", "DefenseSpec",
-    "LisaState", "StepOptions", "antidote", "available", "booster", "get",
+    "LisaState", "StepOptions", "antidote", "available", "booster", "booster_perturb_aware",
+    "get",
     "harmful_perturbation_gap", "repnoise", "repnoise_loss", "safelora",
     "in_alignment", "lisa", "phase_index", "random_perturbation", "random_vaccine", "register",
     "safe_instr", "safe_instr_mix", "step_options", "vaccine", "vaccine_perturbation",

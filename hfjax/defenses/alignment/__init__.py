@@ -1,6 +1,7 @@
 """Alignment-stage defenses (applied while aligning the base model on safety data)."""
 
 from hfjax.defenses.alignment.booster import booster, harmful_perturbation_gap
+from hfjax.defenses.alignment.booster_perturb_aware import booster_perturb_aware
 from hfjax.defenses.alignment.repnoise import harmful_regularizer, repnoise, repnoise_loss
 from hfjax.defenses.alignment.vaccine import (
     random_perturbation,
@@ -9,5 +10,6 @@ from hfjax.defenses.alignment.vaccine import (
     vaccine_perturbation,
 )
 
-__all__ = ["booster", "harmful_perturbation_gap", "harmful_regularizer", "random_perturbation",
-           "random_vaccine", "repnoise", "repnoise_loss", "vaccine", "vaccine_perturbation"]
+__all__ = ["booster", "booster_perturb_aware", "harmful_perturbation_gap", "harmful_regularizer",
+           "random_perturbation", "random_vaccine", "repnoise", "repnoise_loss", "vaccine",
+           "vaccine_perturbation"]
