@@ -556,3 +556,25 @@ def test_hs_prompts_from_all_rows_and_in_file_order_when_asked(own, tmp_path):
     first = Pipeline(_config(own, tmp_path / "b", harmful_eval_rows="all", row_order="file",
                              **rc)).eval_sets()[0]
     assert [r["prompt"] for r in first] == [f"Describe placeholder case {i}" for i in range(4)]
+
+
+def test_repnoise_gets_paired_batches_of_the_alignment_prompts(tiny, tmp_path, monkeypatch):
+    """Paired (the authors' RepNoise): each row of the "align" batch is a harmful prompt with
+    its refusal and the same row of the "harmful" batch the same prompt with its harmful
+    answer, at one padded length; the alignment's benign rows are not used."""
+    seen = _captured_first_step(monkeypatch)
+    run = tmp_path / "run"
+    pipe = Pipeline(_config(tiny, run, align_epochs=1, align_refusals=16, align_benign=8,
+                            align_lr=3e-3, align_defense="repnoise"))
+    pipe.run(["align"])
+    align, harmful = seen["batches"]["align"], seen["batches"]["harmful"]
+    assert align["input_ids"].shape == harmful["input_ids"].shape
+    for i in range(align["input_ids"].shape[0]):
+        prompt = align["input_ids"][i][(align["labels"][i] == -100) &
+                                       (align["attention_mask"][i] == 1)]
+        n = len(prompt)
+        np.testing.assert_array_equal(harmful["input_ids"][i][:n], prompt)
+        assert (harmful["labels"][i][:n] == -100).all() and (harmful["labels"][i][n] != -100)
+        assert not np.array_equal(align["input_ids"][i], harmful["input_ids"][i])
+    summary = json.loads((run / "align" / "DONE").read_text())["summary"]
+    assert summary["rows"] == 16 and summary["steps"] == 2  # 16 pairs, no benign rows

@@ -57,6 +57,7 @@ class StageTraining:
     lora_rank: int
     lora_alpha: float
     lora_targets: tuple[str, ...]
+    lora_dropout: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,8 @@ class RunConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scale alpha / r)")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                            "comma-separated LoRA target projections")
+    lora_dropout: float = _f(0.0, "LoRA dropout p (PEFT's: on the branch input, training only; "
+                                  "both stages)")
     # --- data
     data: str = _f("offline", "'offline' (the embedded default data) or 'hub' (each role's "
                               "source flag must then be set)")
@@ -195,7 +198,7 @@ class RunConfig:
         if stage == "finetune":
             return StageTraining(self.epochs, self.lr, self.batch_size, self.schedule,
                                  self.warmup_ratio, self.weight_decay, self.lora_rank,
-                                 self.lora_alpha, self.targets)
+                                 self.lora_alpha, self.targets, self.lora_dropout)
         if stage != "align":
             raise ValueError(f"stage must be align or finetune, got {stage!r}")
         targets = tuple(t.strip() for t in self.align_lora_targets.split(",") if t.strip())
@@ -205,7 +208,7 @@ class RunConfig:
             self.warmup_ratio if self.align_warmup_ratio < 0 else self.align_warmup_ratio,
             self.weight_decay if self.align_weight_decay < 0 else self.align_weight_decay,
             self.align_lora_rank or self.lora_rank, self.align_lora_alpha or self.lora_alpha,
-            targets or self.targets)
+            targets or self.targets, self.lora_dropout)
 
     @property
     def mesh_shape(self) -> tuple[int, int, int]:
@@ -379,6 +382,8 @@ def validate(cfg: RunConfig, device_count: int | None = None) -> RunConfig:
 
     _check_targets(cfg.targets)
     _check_targets(cfg.training("align").lora_targets)
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.align_lora_rank < 0 or cfg.align_lora_alpha < 0:
         raise ConfigError("--align_lora_rank and --align_lora_alpha must be >= 0 (0: as the "
                           "fine-tuning stage)")

@@ -273,8 +273,9 @@ def defense_streams(defense: Defense | None, primary: str) -> set[str]:
         return set()
     spec = defense.spec
     if spec.level == "gradient":
-        names = set(spec.step_options(**defense.hparams).batch_names) | set(spec.batches)
-        return {stream_kind(n) for n in names - {primary, "user"}}
+        options = spec.step_options(**defense.hparams)
+        names = set(options.batch_names) | set(spec.batches)
+        return {stream_kind(n) for n in names - {primary, "user", *options.paired}}
     params = set(inspect.signature(spec.build(**defense.hparams)).parameters)
     if spec.level == "data":
         return {stream_kind(n) for n in params & set(DATA_DEFENSE_INPUTS)}
@@ -648,6 +649,13 @@ class Pipeline:
         return data_lib.build_alignment_set(refusals, benign, len(refusals), len(benign),
                                             self.rc.seed)
 
+    def alignment_pairs(self) -> list:
+        """The alignment's harmful rows, each with its refusal (paired, or templated) in
+        "refusal": a paired defense's rows (RepNoise trains on these pairs alone)."""
+        rows = self.role_plan().take(self._pools(), data_lib.plan.ALIGNMENT)
+        return [{**r, "refusal": data_lib.refusal_row(r, self.rc.seed)["response"]}
+                for r in rows]
+
     def user_records(self) -> list:
         d = self.data
         attack = self.role_plan().take(self._pools(), data_lib.plan.ATTACK)
@@ -669,9 +677,9 @@ class Pipeline:
             return [data_lib.refusal_row(r, self.rc.seed) for r in rows]
         return rows
 
-    def _tokenize(self, records: list) -> list:
+    def _tokenize(self, records: list, response_field: str = "response") -> list:
         return data_lib.tokenize_records(records, self.base.tokenizer, self.rc.template,
-                                         self.rc.max_length)
+                                         self.rc.max_length, response_field=response_field)
 
     def _batcher(self, examples, batch_size: int, seed: int, num_epochs: int | None,
                  drop_last: bool = True):
@@ -697,35 +705,44 @@ class Pipeline:
         and every batch stream it names."""
         rc, base = self.rc, self.base
         batch_size = training.batch_size
-        examples = self._tokenize(records)
-        census = loss_token_census(records, examples, f"the {stream!r} rows")
-        primary = self._batcher(examples, batch_size, rc.seed + salt, training.epochs,
-                                drop_last=False)
-        pre, step_kwargs, names, sizes = [], {"primary": stream}, [stream], {}
+        pre, step_kwargs, names, sizes, paired = [], {"primary": stream}, [stream], {}, ()
         if defense is not None and defense.spec.level == "gradient":
             pre.append(defense.spec.build(**defense.hparams))
             options = defense.spec.step_options(**defense.hparams)
             step_kwargs = options.step_kwargs()
             names = list(dict.fromkeys([*names, *options.batch_names, *defense.spec.batches]))
-            sizes = dict(options.batch_sizes)
+            sizes, paired = dict(options.batch_sizes), options.paired
             per = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             for name, size in sizes.items():
                 if size % per:
                     raise ConfigError(f"{defense.name} reads {size}-row {name!r} batches, which "
                                       f"the mesh's data x fsdp = {per} devices do not divide")
+        if paired:  # one record per row: its refusal in paired[0], its answer in the others
+            examples = {n: self._tokenize(records, "refusal" if n == paired[0] else "response")
+                        for n in paired}
+            census = loss_token_census([{**r, "harmful": False} for r in records],
+                                       examples[paired[0]], f"the {stream!r} rows")
+            # no label-masked fillers: the official pair mask reads ids, where fillers count
+            primary = self._batcher(examples, batch_size, rc.seed + salt, training.epochs)
+        else:
+            examples = self._tokenize(records)
+            census = loss_token_census(records, examples, f"the {stream!r} rows")
+            primary = self._batcher(examples, batch_size, rc.seed + salt, training.epochs,
+                                    drop_last=False)
         stage = "alignment" if stream == "align" else "finetune"
         extra = {name: self._stream_batcher(name, stage, sizes.get(name, batch_size),
                                             rc.seed + salt + 10 + i)
-                 for i, name in enumerate(names[1:])}
+                 for i, name in enumerate(names[1:]) if name not in paired}
         total = primary.total_steps
         ocfg = optim.OptimizerConfig(learning_rate=training.lr, schedule=training.schedule,
                                      warmup_ratio=training.warmup_ratio, total_steps=total,
                                      weight_decay=training.weight_decay,
                                      max_grad_norm=rc.max_grad_norm or None)
         opt = optim.make_optimizer(ocfg, pre=pre)
-        lora = init if init is not None else models.lora.init(
-            base.cfg, jax.random.fold_in(jax.random.key(rc.seed), salt),
-            rank=training.lora_rank, alpha=training.lora_alpha, targets=training.lora_targets)
+        lora = init.replace(dropout=training.lora_dropout) if init is not None else \
+            models.lora.init(base.cfg, jax.random.fold_in(jax.random.key(rc.seed), salt),
+                             rank=training.lora_rank, alpha=training.lora_alpha,
+                             targets=training.lora_targets, dropout=training.lora_dropout)
         frozen_sh = state_lib.params_shardings(base.cfg, self.mesh)
         st, st_sh = step_lib.init_state(base.cfg, lora, opt, mesh=self.mesh, seed=rc.seed + salt)
         fn = step_lib.make_train_step(base.cfg, opt, mesh=self.mesh, state_shardings=st_sh,
@@ -736,8 +753,8 @@ class Pipeline:
         def batches(start: int) -> Iterator[dict]:
             others = {n: b.batches(start) for n, b in extra.items()}
             for b in primary.batches(start):
-                yield pad_to_common_length({stream: b, **{n: next(it) for n, it in
-                                                          others.items()}})
+                yield pad_to_common_length({**(b if paired else {stream: b}),
+                                            **{n: next(it) for n, it in others.items()}})
 
         ckpt = Checkpointer(out / "ckpt", every=rc.checkpoint_every, keep=2)
         try:
@@ -781,7 +798,10 @@ class Pipeline:
 
     def _run_align(self, sd: StageDir, out: Path, name: str) -> dict:
         defense = self.defenses["align_defense"]
-        records = self._data_defense(defense, self.alignment_records(), "alignment")
+        if defense is not None and defense.spec.step_options(**defense.hparams).paired:
+            records = self.alignment_pairs()
+        else:
+            records = self._data_defense(defense, self.alignment_records(), "alignment")
         lora, summary = self._train(out, params=self.base.params, records=records, stream="align",
                                     training=self.rc.training("align"), defense=defense, salt=1)
         self._save_adapter(out, lora)
