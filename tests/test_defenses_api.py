@@ -56,8 +56,9 @@ def test_hyperparameters_are_factory_kwargs_with_the_papers_defaults():
         "random_vaccine": {"rho": 2.0},
         "booster": {"lam": 5.0, "alpha": 0.1},
         "booster_perturb_aware": {"lam": 5.0, "alpha": 0.1, "rho": 5.0},
-        "lisa": {"rho": 1.0, "align_steps": 100, "finetune_steps": 900, "proximal_after": 0},
-        "safe_instr": {"lam": 0.1},
+        "lisa": {"rho": 1.0, "align_steps": 100, "finetune_steps": 900, "proximal_after": 0,
+                 "proximal_warmup": 0.0},
+        "safe_instr": {"lam": 0.1, "align_batch_size": 4},
         "safe_instr_mix": {"guide_data_num": 100, "seed": 0},
     }
     with pytest.raises(defenses.DefenseError, match="no hyper-parameter"):
@@ -135,3 +136,15 @@ def test_docs_user_loop_with_optax_chain_equals_the_hfjax_train_step():
         np.testing.assert_allclose(a, b, atol=1e-6)
     moved = optax.tree.norm(optax.tree.sub(lora, LORA))
     assert float(moved) > 1e-3
+
+
+def test_the_docs_table_lists_every_registered_defense_with_its_stage_level_and_cost():
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in DOCS.read_text().splitlines() if line.startswith("| `")]
+    table = {r[0].strip("`"): r for r in rows}
+    assert sorted(table) == defenses.available()
+    for name, (_, stage, level, _, cost, *_) in table.items():
+        spec = defenses.get(name)
+        assert (stage, level) == (spec.stage, spec.level), name
+        if spec.cost is not None and spec.level == "gradient":
+            assert cost.startswith(str(spec.cost)), (name, cost, spec.cost)

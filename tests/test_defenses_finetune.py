@@ -163,3 +163,24 @@ def test_lisa_step_selects_between_same_shaped_batches_without_a_cond_and_trains
         name = "align" if t % 2 == 0 else "user"
         assert float(metrics["loss"]) == pytest.approx(float(value_at(theta, host[t][name])),
                                                        rel=1e-5), (t, name)
+
+
+def test_lisa_proximal_warmup_starts_the_term_after_the_official_share_of_the_run():
+    """proximal_warmup=0.1 over 2000 steps: the official `steps > 0.1 · total` puts the term on
+    from step 201 (floor(200) + 1); before it the incoming gradient passes unchanged."""
+    theta = {"w": jnp.ones(3)}
+    anchor = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.full(3, 0.5)}
+    tx = defenses.lisa(rho=2.0, align_steps=1000, finetune_steps=1000, proximal_warmup=0.1,
+                       total_steps=2000)
+    for t, expected in ((200, 0.5), (201, 2.5)):
+        state = defenses.LisaState(jnp.asarray(t, jnp.int32), anchor, anchor)
+        updates, _ = tx.update(grads, state, theta)
+        np.testing.assert_allclose(updates["w"], expected)
+    assert defenses.get("lisa").build_for_run({"proximal_warmup": 0.1}, total_steps=5) \
+        is not None
+    with pytest.raises(defenses.DefenseError, match="needs the run's total_steps"):
+        defenses.lisa(proximal_warmup=0.1)
+    with pytest.raises(defenses.DefenseError, match="not both"):
+        defenses.lisa(proximal_warmup=0.1, proximal_after=3, total_steps=10)
+    assert "total_steps" not in defenses.get("lisa").hyperparameters

@@ -154,7 +154,7 @@ def test_safelora_leaves_a_lora_inside_span_v_and_zeroes_one_orthogonal_to_it():
     lora = lora_lib.LoRA(weights={"q_proj": {
         "A": jnp.asarray(np.stack([a.T, a.T]), jnp.float32),
         "B": jnp.asarray(np.stack([inside.T, outside.T]), jnp.float32)}}, alpha=4.0)
-    new, report = sl.safelora(CFG, BASE, aligned, lora)
+    new, report = sl.safelora(CFG, BASE, aligned, lora, mode="threshold")
     inside_row, outside_row = report["modules"]
     assert inside_row["cos"] == pytest.approx(1.0, abs=1e-5) and not inside_row["projected"]
     assert outside_row["cos"] == pytest.approx(0.0, abs=1e-5) and outside_row["projected"]
@@ -174,7 +174,8 @@ def test_safelora_never_projects_modules_the_alignment_left_unchanged():
 def test_safelora_is_registered_and_rejects_bad_inputs():
     spec = api.get("safelora")
     assert (spec.stage, spec.level, spec.cost) == ("post", "weights", None)
-    assert spec.hyperparameters == {"mode": "threshold", "threshold": 0.5, "num_proj_layers": 10}
+    # the official default: count ("number") mode, the 10 lowest-cos modules
+    assert spec.hyperparameters == {"mode": "count", "threshold": 0.5, "num_proj_layers": 10}
     apply = spec.build(mode="count", num_proj_layers=2)
     new, report = apply(CFG, ALIGNED, LORA, base_params=BASE)
     direct, _ = sl.safelora(CFG, BASE, ALIGNED, LORA, mode="count", num_proj_layers=2)

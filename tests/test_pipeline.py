@@ -228,7 +228,7 @@ def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     if preset == "lisa_paper":
         rc = dict((c["defense"], rc) for c, rc in configs)["lisa"]
         assert rc.finetune_defense_hparams == ("rho=1.0,align_steps=100,finetune_steps=900,"
-                                               "proximal_after=2001")
+                                               "proximal_warmup=0.1")
         assert rc.task_train_data == "gsm8k:train" and rc.model == "meta-llama/Llama-2-7b-hf"
     assert not any(tmp_path.iterdir())  # planning writes nothing
 

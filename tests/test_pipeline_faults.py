@@ -379,6 +379,7 @@ def test_a_gradient_defense_s_first_pipeline_step_equals_its_own_update(tiny, tm
                             finetune_defense_hparams=f"lam={lam}", max_grad_norm=0.0))
     pipe.run(["finetune"])
     assert set(seen["batches"]) == {"user", "align"}
+    assert seen["batches"]["align"]["input_ids"].shape[0] == 4  # the official alignment batch
     cfg, params = pipe.base.cfg, pipe.base.params
     loss_fn = make_loss_fn(cfg, params)
     lora = seen["trainable"]
@@ -578,3 +579,23 @@ def test_repnoise_gets_paired_batches_of_the_alignment_prompts(tiny, tmp_path, m
         assert not np.array_equal(align["input_ids"][i], harmful["input_ids"][i])
     summary = json.loads((run / "align" / "DONE").read_text())["summary"]
     assert summary["rows"] == 16 and summary["steps"] == 2  # 16 pairs, no benign rows
+
+
+def test_a_data_defense_draws_with_the_run_s_seed_and_lisa_gets_the_run_s_step_count(
+        tiny, tmp_path):
+    def guide(seed, **kw):
+        pipe = Pipeline(_config(tiny, tmp_path / f"s{seed}", seed=seed,
+                                finetune_defense="safe_instr_mix", **kw))
+        rows = pipe._data_defense(pipe.defenses["finetune_defense"], pipe.user_records(),
+                                  "finetune")
+        return [r["prompt"] for r in rows]
+
+    assert guide(0, finetune_defense_hparams="guide_data_num=4") != \
+        guide(1, finetune_defense_hparams="guide_data_num=4")
+    assert guide(1, finetune_defense_hparams="guide_data_num=4,seed=1") == \
+        guide(1, finetune_defense_hparams="guide_data_num=4")
+    run = tmp_path / "lisa"
+    Pipeline(_config(tiny, run, finetune_defense="lisa",
+                     finetune_defense_hparams="align_steps=1,finetune_steps=1,"
+                                              "proximal_warmup=0.5")).run(["finetune"])
+    assert (run / "finetune" / "DONE").is_file()

@@ -95,6 +95,11 @@ class StepOptions:
         return (self.primary,) if isinstance(self.primary, str) else tuple(self.primary)
 
 
+RUN_INPUTS = ("total_steps",)
+"""Keyword arguments a factory may take that come from the run, not from the user: the training
+stage's optimizer steps (Lisa's warm-up). `DefenseSpec.build_for_run` passes them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DefenseSpec:
     """A registered defense: how to build it and what it needs."""
@@ -113,7 +118,7 @@ class DefenseSpec:
         """Keyword arguments of the factory with their defaults (the paper's values)."""
         sig = inspect.signature(self.factory)
         return {n: p.default for n, p in sig.parameters.items()
-                if p.default is not inspect.Parameter.empty}
+                if p.default is not inspect.Parameter.empty and n not in RUN_INPUTS}
 
     def _check_names(self, hparams: dict) -> None:
         unknown = set(hparams) - set(self.hyperparameters)
@@ -126,12 +131,18 @@ class DefenseSpec:
         self._check_names(hparams)
         return self.factory(**hparams)
 
+    def build_for_run(self, hparams: dict, **run_inputs):
+        """`build(**hparams)` plus the run inputs (`RUN_INPUTS`) the factory takes."""
+        self._check_names(hparams)
+        takes = inspect.signature(self.factory).parameters
+        return self.factory(**hparams, **{k: v for k, v in run_inputs.items() if k in takes})
+
     def step_options(self, **hparams) -> StepOptions:
         """What the train step must do for this defense with these hyper-parameters (the plain
         step for data and weight defenses)."""
         self._check_names(hparams)
-        if self.level == "gradient":
-            self.factory(**hparams)  # validates the values before a step is built around them
+        if self.level == "gradient":  # validates the values before a step is built around them
+            self.build_for_run(hparams, total_steps=1)
         if self.options is None:
             return StepOptions()
         return self.options(**{**self.hyperparameters, **hparams})

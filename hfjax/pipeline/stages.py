@@ -706,8 +706,8 @@ class Pipeline:
         rc, base = self.rc, self.base
         batch_size = training.batch_size
         pre, step_kwargs, names, sizes, paired = [], {"primary": stream}, [stream], {}, ()
-        if defense is not None and defense.spec.level == "gradient":
-            pre.append(defense.spec.build(**defense.hparams))
+        gradient = defense is not None and defense.spec.level == "gradient"
+        if gradient:
             options = defense.spec.step_options(**defense.hparams)
             step_kwargs = options.step_kwargs()
             names = list(dict.fromkeys([*names, *options.batch_names, *defense.spec.batches]))
@@ -729,6 +729,9 @@ class Pipeline:
             census = loss_token_census(records, examples, f"the {stream!r} rows")
             primary = self._batcher(examples, batch_size, rc.seed + salt, training.epochs,
                                     drop_last=False)
+        if gradient:  # built once the run's step count is known (Lisa's warm-up reads it)
+            pre.append(defense.spec.build_for_run(defense.hparams,
+                                                  total_steps=primary.total_steps))
         stage = "alignment" if stream == "align" else "finetune"
         extra = {name: self._stream_batcher(name, stage, sizes.get(name, batch_size),
                                             rc.seed + salt + 10 + i)
@@ -786,7 +789,10 @@ class Pipeline:
         """Apply a data-level defense (`records -> records`, e.g. SafeInstr mixing)."""
         if defense is None or defense.spec.level != "data":
             return records
-        transform = defense.spec.build(**defense.hparams)
+        hparams = defense.hparams
+        if "seed" in defense.spec.hyperparameters:  # the run's seed unless the user set one
+            hparams = {"seed": self.rc.seed, **hparams}
+        transform = defense.spec.build(**hparams)
         return _call_with_inputs(transform, defense.name, (records,), {
             name: lambda name=name: self._stream_records(name, stage)
             for name in DATA_DEFENSE_INPUTS})

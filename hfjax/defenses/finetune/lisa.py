@@ -13,8 +13,11 @@ fine-tune state (K_f steps on the "user" batch, loss g), starting in the alignme
     fine-tune state:  ∇[g + (ρ/2)‖θ − θ_al‖²] = ∇g + ρ (θ − θ_al)
 
 Both anchors start at θ_0. One optimizer state and schedule are shared; the proximal gradient
-is added before Adam. The official code applies the proximal term only after 10% of the
-training steps (`proximal_after`, default 0 = from the start, as in the paper's equations).
+is added before Adam. The official code applies the proximal term only on the steps t with
+t > 0.1 · total (`trainer.py:183-193`, counting from 1): `proximal_warmup=0.1` does exactly that
+(the term from step ⌊0.1 · total⌋ + 1, given the run's `total_steps`, which the pipeline
+passes); `proximal_after` starts it at a fixed step; the default (both 0) is from the start, as
+in the paper's equations.
 
 The phase clock t and both anchors live in `LisaState`. hfjax's train step reads the phase
 from that state (`phase_index`) to pick its primary batch (an elementwise select of
@@ -25,6 +28,7 @@ same-shaped batches, else `lax.switch`: 1F+1B); in a plain user loop, pick the b
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -58,8 +62,8 @@ def phase_index(opt_state, align_steps: int, finetune_steps: int) -> jax.Array:
     return jnp.where(in_alignment(found[0].count, align_steps, finetune_steps), 0, 1)
 
 
-def _options(rho: float, align_steps: int, finetune_steps: int,
-             proximal_after: int) -> StepOptions:
+def _options(rho: float, align_steps: int, finetune_steps: int, proximal_after: int,
+             proximal_warmup: float) -> StepOptions:
     return StepOptions(primary=(ALIGN, USER),
                        primary_phase=functools.partial(phase_index, align_steps=align_steps,
                                                        finetune_steps=finetune_steps))
@@ -68,15 +72,25 @@ def _options(rho: float, align_steps: int, finetune_steps: int,
 @register("lisa", stage="finetune", level="gradient", cost=Cost(1, 1), batches=(ALIGN, USER),
           paper=PAPER, options=_options)
 def lisa(rho: float = 1.0, align_steps: int = 100, finetune_steps: int = 900,
-         proximal_after: int = 0) -> optax.GradientTransformationExtraArgs:
+         proximal_after: int = 0, proximal_warmup: float = 0.0, *,
+         total_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
     """Adds ρ (θ − anchor of the other state) to the gradient of the current state's batch.
 
     The incoming gradient must be ∇f on "align" in the alignment state and ∇g on "user" in the
-    fine-tune state (hfjax's step does this with `step_options("lisa")`).
+    fine-tune state (hfjax's step does this with `step_options("lisa")`). `total_steps`: the
+    run's optimizer steps, needed by `proximal_warmup` (a run input, not a hyper-parameter).
     """
     if not rho >= 0 or align_steps < 0 or finetune_steps < 0 or align_steps + finetune_steps < 1:
         raise DefenseError(f"Lisa needs rho >= 0 and step counts >= 0 with K_a + K_f >= 1, got "
                            f"rho={rho}, align_steps={align_steps}, finetune_steps={finetune_steps}")
+    if not 0.0 <= proximal_warmup < 1.0:
+        raise DefenseError(f"Lisa's proximal_warmup must be in [0, 1), got {proximal_warmup}")
+    if proximal_warmup:
+        if proximal_after:
+            raise DefenseError("give Lisa proximal_after or proximal_warmup, not both")
+        if total_steps is None:
+            raise DefenseError("Lisa's proximal_warmup needs the run's total_steps")
+        proximal_after = math.floor(proximal_warmup * total_steps) + 1
 
     def init_fn(params: optax.Params) -> LisaState:
         return LisaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),

@@ -14,8 +14,9 @@ Weighted form (gradient level): every step minimizes
 
     L(θ) = g(θ; "user") + λ · f(θ; "align")          ∇L = ∇g + λ ∇f
 
-The step's own pass gives ∇g on "user"; the transform adds λ ∇f on "align" (4 rows in the
-paper). Cost 2F+2B: the paper's code calls backward() once on g + λf (its "2F+1B"), but that
+The step's own pass gives ∇g on "user"; the transform adds λ ∇f on "align", a batch of
+`align_batch_size` = 4 rows as the official trainer's (the pipeline reads it from the step
+options). Cost 2F+2B: the paper's code calls backward() once on g + λf (its "2F+1B"), but that
 backward traverses both batches' graphs; in JAX, differentiating g + λf in one `value_and_grad`
 runs exactly the same two forward and two reversed layer scans as two gradients summed, so a
 separate oracle call costs nothing more and keeps the transform the same in any training loop.
@@ -32,18 +33,25 @@ import optax
 
 from hfjax.data.mixing import sample
 from hfjax.data.records import Record
-from hfjax.defenses.api import ALIGN, USER, Cost, DefenseError, register
+from hfjax.defenses.api import ALIGN, USER, Cost, DefenseError, StepOptions, register
 
 PAPER = ("Bianchi et al. Safety-Tuned LLaMAs, ICLR 2024, arXiv:2309.07875; Zong et al. VLGuard: "
          "Safety Fine-Tuning at (Almost) No Cost, ICML 2024, arXiv:2402.02207")
 
 
+def _options(lam: float, align_batch_size: int) -> StepOptions:
+    return StepOptions(primary=USER, batch_sizes=((ALIGN, align_batch_size),))
+
+
 @register("safe_instr", stage="finetune", level="gradient", cost=Cost(2, 2),
-          batches=(USER, ALIGN), paper=PAPER)
-def safe_instr(lam: float = 0.1) -> optax.GradientTransformationExtraArgs:
+          batches=(USER, ALIGN), paper=PAPER, options=_options)
+def safe_instr(lam: float = 0.1,
+               align_batch_size: int = 4) -> optax.GradientTransformationExtraArgs:
     """∇g + λ ∇f(θ; "align"), the incoming gradient being ∇g on the "user" batch."""
     if not lam >= 0:
         raise DefenseError(f"safe_instr's lam must be >= 0, got {lam}")
+    if align_batch_size < 1:
+        raise DefenseError(f"safe_instr's align_batch_size must be >= 1, got {align_batch_size}")
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, **extra: Any):
         del extra

@@ -7,8 +7,9 @@ target module, with W_base the unaligned and W_aligned the aligned weight, and t
 
     V = W_aligned − W_base,   C = V Vᵀ / ‖V‖_F                        ([out, out])
     cos = ⟨C B A, B A⟩_F / (‖C B A‖_F ‖B A‖_F)
-    B ← C B   on the modules with cos ≤ τ  (mode "threshold", τ = 0.5)
-              or with cos ≤ the k-th smallest cos over all (layer, module)  (mode "count", k = 10)
+    B ← C B   on the modules with cos ≤ the k-th smallest cos over all (layer, module)
+              (mode "count", k = 10: the official default, `config.py` select_layers_type
+              "number") or with cos ≤ τ (mode "threshold", τ = 0.5)
 
 hfjax stores kernels K = Wᵀ [in, out], A_h = Aᵀ [in, r], B_h = Bᵀ [r, out], so V = ΔKᵀ,
 C = ΔKᵀ ΔK / ‖ΔK‖_F (symmetric), the projection is B_h ← B_h C and cos = cos(A_h B_h C, A_h B_h).
@@ -79,7 +80,7 @@ def _kernel(params: dict, name: str, which: str, shape: tuple[int, ...]) -> jax.
 
 
 def safelora(cfg: ModelConfig, base_params: dict, aligned_params: dict, lora: LoRA,
-             mode: str = "threshold", threshold: float = 0.5, num_proj_layers: int = 10
+             mode: str = "count", threshold: float = 0.5, num_proj_layers: int = 10
              ) -> tuple[LoRA, dict]:
     """Project the adapter's B onto span(V) on its least aligned modules (module docstring).
 
@@ -130,7 +131,7 @@ def safelora(cfg: ModelConfig, base_params: dict, aligned_params: dict, lora: Lo
 
 
 @register("safelora", stage="post", level="weights", cost=None, batches=(), paper=PAPER)
-def safelora_defense(mode: str = "threshold", threshold: float = 0.5, num_proj_layers: int = 10):
+def safelora_defense(mode: str = "count", threshold: float = 0.5, num_proj_layers: int = 10):
     """Weights-level form: `apply(cfg, params, lora, *, base_params) -> (lora, report)`.
 
     params: the aligned model the adapter was fine-tuned on; base_params: the unaligned one.
