@@ -124,3 +124,18 @@ def test_every_run_of_every_preset_has_a_disjoint_data_plan(preset, tmp_path, mo
         _assert_attack_apart(plan, {"pool": pool})
         attack = data.harmful_count(rc.num_samples, rc.harmful_ratio)
         assert len(plan.rows.get(ATTACK, ())) == attack
+
+
+@pytest.mark.parametrize("preset", ["quick", "full", "smollm2_offline", "vaccine_paper",
+                                    "lisa_paper", "booster_paper", "booster_perturb_aware",
+                                    "repnoise_gitdisl", "safe_instr_gitdisl", "antidote_paper"])
+def test_every_preset_states_gradient_clipping_at_the_official_1(preset):
+    """HF Trainer's max_grad_norm 1.0, under which every official script runs, is written in
+    the preset's flagfile chain (not only the default)."""
+    seen, todo = [], [ROOT / "experiments" / "presets" / f"{preset}.cfg"]
+    while todo:
+        text = todo.pop().read_text()
+        seen += [line for line in text.splitlines() if line.startswith("--max_grad_norm=")]
+        todo += [ROOT / line.split("=", 1)[1] for line in text.splitlines()
+                 if line.startswith("--flagfile=")]
+    assert seen == ["--max_grad_norm=1.0"]
