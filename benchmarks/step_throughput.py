@@ -82,13 +82,16 @@ def summarize(times: list[float]) -> dict:
 
 
 # hfjax hyper-parameter -> torch_reference.py flag, where the names differ (or None: not a flag)
-_TORCH_FLAGS = {("booster", "alpha"): "alpha_booster", ("repnoise", "alpha"): "alpha_repnoise",
-                ("repnoise", "harmful"): None}
+_TORCH_FLAGS = {("booster", "alpha"): "alpha_booster", ("booster_perturb_aware", "alpha"):
+                "alpha_booster", ("repnoise", "alpha"): "alpha_repnoise",
+                ("repnoise", "harmful"): None, ("repnoise", "variant"): None,
+                ("repnoise", "pairing"): None, ("lisa", "proximal_warmup"): None,
+                ("safe_instr", "align_batch_size"): None}
 
 
 def hyperparameters(method: str) -> dict:
-    """The registry's default hyper-parameters of a method (none for lora_sft)."""
-    return {} if method == LORA_SFT else defenses.get(method).hyperparameters
+    """The hyper-parameters both stacks run `method` with (`common.benchmark_hparams`)."""
+    return common.benchmark_hparams(method)
 
 
 def torch_hparam_flags(method: str) -> list[str]:

@@ -27,6 +27,7 @@ the hfjax registry's default hyper-parameters as flag defaults:
   random_vaccine  ∇θ f(a_l + ε_l), ε ~ N(0, ρ I); --rho 2                             1F+1B
   booster         ∇f("align") + λ (∇h(θ) − ∇h(θ − α ∇h/(‖∇h‖ + 1e-7))) ("harmful");
                   --lam 5 --alpha_booster 0.1                                        3F+3B
+  booster_perturb_aware  the same with ∇f taken as vaccine's; --rho 5               4F+4B
   repnoise        CE("align") + β mean_l MMD(m ⊙ mlp_out_l(x_h), m ⊙ N(0, I))
                   − α log(1 + mean_{l=0..L} CE(lm_head(norm(s_l)), x_h)) in one backward
                   (hooks: mlp_out_l on `mlp`, s_l on the embeddings and decoder layers, s_L's
@@ -77,6 +78,7 @@ BATCHES = {
     "vaccine": ("align",),
     "random_vaccine": ("align",),
     "booster": ("align", "harmful"),
+    "booster_perturb_aware": ("align", "harmful"),
     "repnoise": ("align", "harmful"),
     "lisa": ("align", "user"),
     "safe_instr": ("user", "align"),
@@ -189,18 +191,22 @@ def step_lora_sft(model, opt, batches, args, state) -> float:
     return optimizer_step(opt, loss)
 
 
-def step_vaccine(model, opt, batches, args, state) -> float:
-    align = batches["align"]
+def vaccine_backward(model, opt, align: dict, rho: float) -> torch.Tensor:
+    """Leave ∇θ f(θ; a + ε) in .grad, ε = ρ G/(‖G‖ + 1e-7), G = ∂f/∂a; returns that loss."""
     with AttentionHooks(model).capture() as hooks:
         ce(model, align).backward()  # pass 1: G_l = ∂f/∂a_l (parameter gradients unused)
     grads = [a.grad.float() for a in hooks.outputs]
-    scale = args.rho / (global_norm(grads) + 1e-7)
+    scale = rho / (global_norm(grads) + 1e-7)
     eps = [(g * scale).detach() for g in grads]
     opt.zero_grad(set_to_none=True)
     with AttentionHooks(model).perturb(eps):
         loss = ce(model, align)  # pass 2 at a_l + ε_l: its gradient is the update direction
         loss.backward()
-    return optimizer_step(opt, loss)
+    return loss
+
+
+def step_vaccine(model, opt, batches, args, state) -> float:
+    return optimizer_step(opt, vaccine_backward(model, opt, batches["align"], args.rho))
 
 
 def step_random_vaccine(model, opt, batches, args, state) -> float:
@@ -215,7 +221,8 @@ def step_random_vaccine(model, opt, batches, args, state) -> float:
     return optimizer_step(opt, loss)
 
 
-def step_booster(model, opt, batches, args, state) -> float:
+def booster_gap(model, opt, batches, args) -> tuple[list, list]:
+    """(g_h, g_h') = (∇h(θ), ∇h(θ − α g_h/(‖g_h‖ + 1e-7))) on "harmful"; θ restored, .grad clear."""
     params = trainable_params(model)
     ce(model, batches["harmful"]).backward()  # g_h = ∇h(θ)
     g_h = [p.grad.detach().clone() for p in params]
@@ -231,11 +238,28 @@ def step_booster(model, opt, batches, args, state) -> float:
     with torch.no_grad():
         for p, s in zip(params, saved, strict=True):
             p.copy_(s)  # θ restored exactly
+    return g_h, g_h_shifted
+
+
+def add_booster_term(model, g_h: list, g_h_shifted: list, lam: float) -> None:
+    with torch.no_grad():
+        for p, a, b in zip(trainable_params(model), g_h, g_h_shifted, strict=True):
+            p.grad.add_(lam * (a - b))
+
+
+def step_booster(model, opt, batches, args, state) -> float:
+    g_h, g_h_shifted = booster_gap(model, opt, batches, args)
     loss = ce(model, batches["align"])  # g_f = ∇f(θ)
     loss.backward()
-    with torch.no_grad():
-        for p, a, b in zip(params, g_h, g_h_shifted, strict=True):
-            p.grad.add_(args.lam * (a - b))
+    add_booster_term(model, g_h, g_h_shifted, args.lam)
+    return optimizer_step(opt, loss)
+
+
+def step_booster_perturb_aware(model, opt, batches, args, state) -> float:
+    """Booster's --perturb_aware: g_f taken Vaccine-style, then the harmful-gap term."""
+    g_h, g_h_shifted = booster_gap(model, opt, batches, args)
+    loss = vaccine_backward(model, opt, batches["align"], args.rho)
+    add_booster_term(model, g_h, g_h_shifted, args.lam)
     return optimizer_step(opt, loss)
 
 
@@ -325,7 +349,8 @@ def step_safe_instr(model, opt, batches, args, state) -> float:
 
 STEPS = {
     "lora_sft": step_lora_sft, "vaccine": step_vaccine, "random_vaccine": step_random_vaccine,
-    "booster": step_booster, "repnoise": step_repnoise, "lisa": step_lisa,
+    "booster": step_booster, "booster_perturb_aware": step_booster_perturb_aware,
+    "repnoise": step_repnoise, "lisa": step_lisa,
     "safe_instr": step_safe_instr,
 }
 
