@@ -122,7 +122,7 @@ def test_every_run_of_every_preset_has_a_disjoint_data_plan(preset, tmp_path, mo
             for i in range(40000)]
         # an attack source (--attack_data) that shares half its prompts with the pool
         attack_pool = pool[:200] + [data.make_record(f"other request {i}", "x", "t", True)
-                                    for i in range(200)] if rc.attack_data else ()
+                                    for i in range(5000)] if rc.attack_data else ()
         plan = stages_lib.role_plan(rc, defenses, pool, attack_pool)
         _assert_attack_apart(plan, {"pool": pool, "attack": attack_pool})
         attack = data.harmful_count(rc.num_samples, rc.harmful_ratio)
