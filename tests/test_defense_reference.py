@@ -294,17 +294,15 @@ def test_lisa_has_no_proximal_pull_at_the_switch_and_in_warmup_as_in_the_officia
 # weight defenses
 
 
-def _antidote_masks(kind: str, *, padding_as_tokens: bool = False) -> dict[str, np.ndarray]:
+def _antidote_masks(kind: str, *, padding: str = "official") -> dict[str, np.ndarray]:
     """hfjax's Antidote zero pattern {PEFT key: True where zeroed} and the pruned adapter's
     agreement with init ⊙ ¬mask."""
     cfg, params, init, tensors = _setup()
     data = None
     if kind != "magnitude":
-        data = [{"input_ids": b["input_ids"], "attention_mask": (np.ones_like(b["attention_mask"])
-                                                                 if padding_as_tokens
-                                                                 else b["attention_mask"])}
+        data = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
                 for b in REF.calibration(_batches(_reference()), kind)]
-    pruned, report = antidote(cfg, params, init, data, **HP["antidote"])
+    pruned, report = antidote(cfg, params, init, data, **HP["antidote"], padding=padding)
     masks = to_peft(lora_lib.LoRA({n: {p: np.asarray(m[p]) for p in ("A", "B")}
                                    for n, m in report["masks"].items()}, alpha=init.alpha))
     for key, value in to_peft(pruned).items():
@@ -325,18 +323,19 @@ def test_antidote_prunes_the_weights_the_official_code_prunes(kind):
     _assert_same_masks(_antidote_masks(kind), want)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "hfjax's Antidote leaves padding tokens (attention_mask 0) out of ‖X_j‖; the official "
-    "prune_wanda_outlier runs the model on input_ids alone, so padding counts like any token"))
 def test_antidote_on_padded_calibration_prunes_the_weights_the_official_code_prunes():
+    """The official code runs the calibration forward without an attention mask, so padding
+    counts in ‖X_j‖; hfjax's default (padding="official") does the same."""
     _assert_same_masks(_antidote_masks("padded"), _fixture("mask", "antidote_padded",
                                                            _setup()[3]))
 
 
-def test_antidote_counting_padding_as_tokens_prunes_the_weights_the_official_code_prunes():
-    """The padded case differs only by the padding: with an all-ones mask hfjax agrees."""
-    _assert_same_masks(_antidote_masks("padded", padding_as_tokens=True),
-                       _fixture("mask", "antidote_padded", _setup()[3]))
+def test_antidote_masked_padding_is_another_pruning_than_the_official_one():
+    """padding="masked" leaves padding out: on padded calibration data the zeroed entries
+    differ from the official ones (so the option is not a no-op)."""
+    with pytest.raises(AssertionError, match="zeroed entries differ"):
+        _assert_same_masks(_antidote_masks("padded", padding="masked"),
+                           _fixture("mask", "antidote_padded", _setup()[3]))
 
 
 def _aligned_params(params: dict) -> dict:

@@ -215,16 +215,18 @@ CALIB = calibration_batches()
 
 
 @functools.cache
-def np_wanda():
-    """Scores from captured inputs, in numpy: S_A = |A_h| ‖X_in‖, S_B = |B_h| ‖X_in A_h‖."""
+def np_wanda(padding: str = "official"):
+    """Scores from captured inputs, in numpy: S_A = |A_h| ‖X_in‖, S_B = |B_h| ‖X_in A_h‖, over
+    every position ("official": the reference's unmasked forward) or the real tokens only."""
     lora = LORA
     sq_in = {n: 0.0 for n in TARGETS}
     sq_mid = {n: 0.0 for n in TARGETS}
     capture = jax.jit(lambda ids, mask: forward(CFG, ALIGNED, ids, mask, lora=lora,
                                                 capture=("proj_inputs",))[1])
     for b in CALIB:
-        cap = capture(b["input_ids"], b["attention_mask"])
-        m = b["attention_mask"].astype(bool)
+        mask = b["attention_mask"] if padding == "masked" else np.ones_like(b["attention_mask"])
+        cap = capture(b["input_ids"], mask)
+        m = mask.astype(bool)
         for n in TARGETS:
             x = np.asarray(cap["proj_inputs"][n], np.float64)[:, m]          # [L, tokens, in]
             z = np.einsum("lti,lir->ltr", x, np.asarray(lora.weights[n]["A"], np.float64))
@@ -235,21 +237,28 @@ def np_wanda():
             for n in TARGETS}
 
 
-def test_wanda_scores_equal_an_independent_numpy_computation():
-    scores, tokens = ad.wanda_scores(CFG, ALIGNED, LORA, CALIB)
-    assert tokens == sum(int(b["attention_mask"].sum()) for b in CALIB)
-    want = np_wanda()
+@pytest.mark.parametrize("padding", ["official", "masked"])
+def test_wanda_scores_equal_an_independent_numpy_computation(padding):
+    scores, tokens = ad.wanda_scores(CFG, ALIGNED, LORA, CALIB, padding)
+    count = (lambda b: b["attention_mask"].sum()) if padding == "masked" else \
+        (lambda b: b["attention_mask"].size)
+    assert tokens == sum(int(count(b)) for b in CALIB)
+    want = np_wanda(padding)
     for n in TARGETS:
         for p in ("A", "B"):
             np.testing.assert_allclose(scores[n][p], want[n][p], rtol=1e-4, atol=1e-7)
 
 
-def test_wanda_scores_ignore_padding_tokens():
+def test_masked_wanda_scores_ignore_padding_and_official_ones_read_it():
     other_pad = calibration_batches(pad_id=17)
-    a, _ = ad.wanda_scores(CFG, ALIGNED, LORA, CALIB)
-    b, _ = ad.wanda_scores(CFG, ALIGNED, LORA, other_pad)
+    a, _ = ad.wanda_scores(CFG, ALIGNED, LORA, CALIB, "masked")
+    b, _ = ad.wanda_scores(CFG, ALIGNED, LORA, other_pad, "masked")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6)
+    a, _ = ad.wanda_scores(CFG, ALIGNED, LORA, CALIB)
+    b, _ = ad.wanda_scores(CFG, ALIGNED, LORA, other_pad)
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)) > 1e-3
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25])
@@ -306,7 +315,9 @@ def test_antidote_without_calibration_data_prunes_by_magnitude():
 def test_antidote_is_registered_and_rejects_bad_inputs():
     spec = api.get("antidote")
     assert (spec.stage, spec.level, str(spec.cost)) == ("post", "weights", "1F+0B")
-    assert spec.hyperparameters == {"dense_ratio": 0.1}
+    assert spec.hyperparameters == {"dense_ratio": 0.1, "padding": "official"}
+    with pytest.raises(api.DefenseError, match="padding"):
+        spec.build(padding="none")
     new, _ = spec.build(dense_ratio=0.2)(CFG, ALIGNED, LORA, calibration_batches=CALIB[:1])
     direct, _ = ad.antidote(CFG, ALIGNED, LORA, CALIB[:1], dense_ratio=0.2)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(direct), strict=True):

@@ -15,8 +15,10 @@ Following the reference code: the calibration model is the fine-tuned one with i
 active (unpruned while scoring); each row is sorted ascending (stable) and everything past the
 first int(n · (1 − ρ)) entries is zeroed, i.e. the highest scores ("harmful" weights), per output
 row; with no calibration data S = |W| (their sample_num = 0 path). The reference scales ‖X_j‖
-by 1/sqrt(#samples), which does not change any ranking. Unlike it, padding tokens
-(attention_mask 0) are left out of ‖X_j‖ (the reference feeds padded batches without a mask).
+by 1/sqrt(#samples), which does not change any ranking. The reference runs the calibration
+forward on input_ids alone (`utils.py:460`), so padding tokens are attended to and counted in
+‖X_j‖ like any token: `padding="official"` (default) does the same (an all-ones mask);
+`padding="masked"` leaves padding (attention_mask 0) out of the forward and of ‖X_j‖.
 
 hfjax stores A_h = lora_Aᵀ [L, in, r] and B_h = lora_Bᵀ [L, r, out], so an HF row is a column of
 the hfjax matrix and the ranking runs over axis 1 of [L, in, out]-shaped arrays.
@@ -57,15 +59,22 @@ def _sum_squares(cfg: ModelConfig, params: dict, lora: LoRA, input_ids, attentio
 _sum_squares_jit = jax.jit(_sum_squares, static_argnums=0)
 
 
+PADDINGS = ("official", "masked")
+
+
 def wanda_scores(cfg: ModelConfig, params: dict, lora: LoRA,
-                 calibration_batches: Iterable[dict] | None) -> tuple[dict, int]:
+                 calibration_batches: Iterable[dict] | None,
+                 padding: str = "official") -> tuple[dict, int]:
     """({name: {"A": S_A [L, in, r], "B": S_B [L, r, out]}}, calibration tokens).
 
     S_A = |A_h| · ‖X‖ over the in axis, S_B = |B_h| · ‖X A‖ over the r axis (hfjax layout).
     calibration_batches: dicts with input_ids [B, T] and attention_mask [B, T] (labels unused);
-    None gives magnitude scores |W| and 0 tokens.
+    None gives magnitude scores |W| and 0 tokens. padding: "official" counts every position
+    (the mask is ignored, as the reference code), "masked" only attention_mask 1.
     """
     _check_against_cfg(cfg, lora)
+    if padding not in PADDINGS:
+        raise DefenseError(f"Antidote padding must be one of {PADDINGS}, got {padding!r}")
     if calibration_batches is None:
         mags = {n: {p: jnp.abs(w[p]).astype(at_least_float32(w[p].dtype)) for p in ("A", "B")}
                 for n, w in lora.weights.items()}
@@ -79,6 +88,8 @@ def wanda_scores(cfg: ModelConfig, params: dict, lora: LoRA,
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise DefenseError(f"Antidote calibration batch {i}: input_ids {ids.shape} and "
                                f"attention_mask {mask.shape} must both be [batch, time]")
+        if padding == "official":
+            mask = jnp.ones_like(ids)
         sums = _sum_squares_jit(cfg, params, lora, ids, mask)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         tokens += int(jnp.sum(mask))
@@ -105,8 +116,8 @@ def top_score_mask(scores: jax.Array, dense_ratio: float) -> jax.Array:
 
 
 def antidote(cfg: ModelConfig, params: dict, lora: LoRA,
-             calibration_batches: Iterable[dict] | None, dense_ratio: float = 0.1
-             ) -> tuple[LoRA, dict]:
+             calibration_batches: Iterable[dict] | None, dense_ratio: float = 0.1,
+             padding: str = "official") -> tuple[LoRA, dict]:
     """Zero the top-`dense_ratio` Wanda-score entries of every LoRA row (module docstring).
 
     params: the model the adapter sits on; calibration_batches: harmful batches (forward only).
@@ -115,7 +126,7 @@ def antidote(cfg: ModelConfig, params: dict, lora: LoRA,
     """
     if not 0.0 <= float(dense_ratio) <= 1.0:
         raise DefenseError(f"Antidote dense_ratio must be in [0, 1], got {dense_ratio!r}")
-    scores, tokens = wanda_scores(cfg, params, lora, calibration_batches)
+    scores, tokens = wanda_scores(cfg, params, lora, calibration_batches, padding)
     weights, masks, pruned = {}, {}, {}
     for name, w in lora.weights.items():
         masks[name] = {p: top_score_mask(scores[name][p], dense_ratio) for p in ("A", "B")}
@@ -129,15 +140,18 @@ def antidote(cfg: ModelConfig, params: dict, lora: LoRA,
 
 @register("antidote", stage="post", level="weights", cost=Cost(1, 0),
           batches=("harmful",), paper=PAPER)
-def antidote_defense(dense_ratio: float = 0.1):
+def antidote_defense(dense_ratio: float = 0.1, padding: str = "official"):
     """Weights-level form: `apply(cfg, params, lora, *, calibration_batches) -> (lora, report)`.
 
     Cost: one forward pass per calibration batch, no backward (no training steps).
     """
     if not 0.0 <= float(dense_ratio) <= 1.0:
         raise DefenseError(f"Antidote dense_ratio must be in [0, 1], got {dense_ratio!r}")
+    if padding not in PADDINGS:
+        raise DefenseError(f"Antidote padding must be one of {PADDINGS}, got {padding!r}")
 
     def apply(cfg: ModelConfig, params: dict, lora: LoRA, *, calibration_batches):
-        return antidote(cfg, params, lora, calibration_batches, dense_ratio=dense_ratio)
+        return antidote(cfg, params, lora, calibration_batches, dense_ratio=dense_ratio,
+                        padding=padding)
 
     return apply
