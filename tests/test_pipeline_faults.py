@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import pytest
 from test_pipeline import ROOT, build_tiny_setup
+from test_pipeline import _config as pipeline_config
 
 from hfjax import data as data_lib
 from hfjax import defenses, models
@@ -54,18 +55,9 @@ def own(tiny, tmp_path):
 
 
 def _config(setup, run_dir, **kw) -> RunConfig:
-    root, model_dir, f = setup
-    base = dict(
-        run_dir=str(run_dir), model=str(model_dir), data="hub",
-        harmful_train_data=f"advbench:{f['harm_train']}",
-        harmful_eval_data=f"harmbench:{f['harm_eval']}",
-        task_train_data=f"sst2:{f['task_train']}", task_test_data=f"sst2:{f['task_test']}",
-        align_benign_data=f"alpaca:{f['benign']}", mesh="1,1,1", max_length=64, pad_multiple=64,
-        align_epochs=0, num_samples=32, harmful_ratio=0.25, epochs=1, batch_size=8, lr=3e-3,
-        eval_size=6, task_eval_size=6, max_new_tokens=5, task_max_new_tokens=3,
-        eval_batch_size=8, checkpoint_every=100, progress=False, defense_data_size=16,
-        eval_models="base")
-    return RunConfig(**{**base, **kw})
+    """test_pipeline's tiny run, without the alignment stage and evaluating the base model only
+    unless a test says otherwise."""
+    return pipeline_config(setup, run_dir, **{"align_epochs": 0, "eval_models": "base", **kw})
 
 
 def _adapter(run_dir: Path, stage: str) -> dict:
