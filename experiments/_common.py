@@ -26,7 +26,7 @@ def run(stages: Sequence[str] | None) -> dict:
     quiet_logs()
     pflags.setup_runtime()
     start = time.perf_counter()
-    pipe = Pipeline(pflags.config_from_flags())
+    pipe = Pipeline(pflags.flags_from_absl())
     res = pipe.run(stages)
     if res["rows"]:
         print(report.run_table(res))

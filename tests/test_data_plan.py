@@ -10,8 +10,9 @@ from test_pipeline import ROOT
 from hfjax import data
 from hfjax.data.plan import ALIGNMENT, ATTACK, plan_roles
 from hfjax.data.records import prompt_key
-from hfjax.pipeline import stages as stages_lib
+from hfjax.pipeline import resources as resources_lib
 from hfjax.pipeline import sweep as sweep_lib
+from hfjax.pipeline.flags import to_config
 
 POOL = [data.make_record(f"Explain placeholder task {i}", f"Sure, here is task {i}", "t", True)
         for i in range(300)]
@@ -114,18 +115,17 @@ def test_every_run_of_every_preset_has_a_disjoint_data_plan(preset, tmp_path, mo
     fv(["sweep", *args, f"--run_dir={tmp_path}"])
     _, configs = sweep_lib.plan(fv, device_count=8)
     offline = data.default_data(0).harmful_train
-    for _, rc in configs:
-        defenses = {f: stages_lib.get_defense(rc, f) for f in
-                    ("align_defense", "finetune_defense", "repair_defense")}
-        pool = offline if rc.data == "offline" else [
+    for _, flags_ in configs:
+        rc = to_config(flags_)
+        pool = offline if rc.data.source == "offline" else [
             data.make_record(f"placeholder request {i}", "placeholder answer", "t", True)
             for i in range(40000)]
         # an attack source (--attack_data) that shares half its prompts with the pool
         attack_pool = pool[:200] + [data.make_record(f"other request {i}", "x", "t", True)
-                                    for i in range(5000)] if rc.attack_data else ()
-        plan = stages_lib.role_plan(rc, defenses, pool, attack_pool)
+                                    for i in range(5000)] if rc.data.attack else ()
+        plan = resources_lib.role_plan(rc, pool, attack_pool)
         _assert_attack_apart(plan, {"pool": pool, "attack": attack_pool})
-        attack = data.harmful_count(rc.num_samples, rc.harmful_ratio)
+        attack = data.harmful_count(rc.finetune.num_samples, rc.finetune.harmful_ratio)
         assert len(plan.rows.get(ATTACK, ())) == attack
 
 

@@ -17,14 +17,16 @@ from absl import flags
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from hfjax import defenses
 from hfjax.defenses.api import DefenseError
 from hfjax.models import init_random, save_hf
 from hfjax.models.config import from_hf_dict
-from hfjax.pipeline import ConfigError, Pipeline, RunConfig, StageInterrupted, parse_hparams
-from hfjax.pipeline import stages as stages_lib
+from hfjax.pipeline import ConfigError, Pipeline, RunFlags, StageInterrupted, parse_hparams
 from hfjax.pipeline import sweep as sweep_lib
-from hfjax.pipeline.config import validate
+from hfjax.pipeline import training as training_lib
+from hfjax.pipeline.flags import validate
 from hfjax.pipeline.run_folder import StageMismatchError
+from hfjax.train import step as step_module
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -88,7 +90,7 @@ def build_tiny_setup(root: Path) -> tuple[Path, Path, dict]:
     return root, model_dir, files
 
 
-def _config(setup, run_dir, **kw) -> RunConfig:
+def _config(setup, run_dir, **kw) -> RunFlags:
     root, model_dir, f = setup
     base = dict(
         run_dir=str(run_dir), model=str(model_dir), data="hub",
@@ -100,7 +102,7 @@ def _config(setup, run_dir, **kw) -> RunConfig:
         num_samples=32, harmful_ratio=0.25, epochs=1, batch_size=8, lr=3e-3,
         eval_size=6, task_eval_size=6, max_new_tokens=5, task_max_new_tokens=3,
         eval_batch_size=8, checkpoint_every=100, progress=False, defense_data_size=16)
-    return RunConfig(**{**base, **kw})
+    return RunFlags(**{**base, **kw})
 
 
 def _adapter(run_dir: Path, stage: str) -> dict:
@@ -123,7 +125,7 @@ def test_pipeline_runs_every_stage_and_resumes_an_interrupted_finetune(setup, tm
 
     # Interrupt the fine-tuning at its 3rd step (Ctrl-C inside the loop) in a second run folder.
     part = tmp_path / "part"
-    real = stages_lib.step_lib.make_train_step
+    real = step_module.make_train_step
 
     def interrupting(*a, **k):
         fn = real(*a, **k)
@@ -141,7 +143,7 @@ def test_pipeline_runs_every_stage_and_resumes_an_interrupted_finetune(setup, tm
         return Wrapped()
 
     shutil.copytree(full / "align", part / "align")  # an existing stage is reused as is
-    monkeypatch.setattr(stages_lib.step_lib, "make_train_step", interrupting)
+    monkeypatch.setattr(step_module, "make_train_step", interrupting)
     with pytest.raises(StageInterrupted, match="rerun the same command to resume"):
         Pipeline(_config(setup, part)).run()
     monkeypatch.undo()
@@ -174,9 +176,10 @@ def test_pipeline_runs_every_stage_and_resumes_an_interrupted_finetune(setup, tm
     assert {s: _mtime(part, s) for s in before} == before
 
     # Other settings in an existing run folder are an error; --overwrite redoes the stages.
-    with pytest.raises(StageMismatchError, match="lr: 0.003 -> 0.002"):
+    with pytest.raises(StageMismatchError,
+                       match="finetune.train.optimizer.learning_rate: 0.003 -> 0.002"):
         Pipeline(_config(setup, part, lr=2e-3)).run()
-    with pytest.raises(StageMismatchError, match="max_new_tokens: 5 -> 4"):
+    with pytest.raises(StageMismatchError, match="eval.max_new_tokens: 5 -> 4"):
         Pipeline(_config(setup, part, max_new_tokens=4)).run(["eval_final"])
     final_done = _mtime(part, "eval_final")
     res = Pipeline(_config(setup, part, max_new_tokens=4, overwrite=True)).run(["eval_final"])
@@ -282,7 +285,7 @@ def test_hparams_are_typed_like_the_defense_defaults():
         {"mode": "count", "num_proj_layers": 3}
     with pytest.raises(ConfigError, match="align_steps='2.5' is not an integer"):
         parse_hparams("lisa", "align_steps=2.5")
-    rc = validate(RunConfig(run_dir="x", defense="lisa", defense_hparams="rho=0.5"))
+    rc = validate(RunFlags(run_dir="x", defense="lisa", defense_hparams="rho=0.5"))
     assert (rc.finetune_defense, rc.finetune_defense_hparams, rc.defense) == ("lisa", "rho=0.5",
                                                                              "")
 
@@ -302,7 +305,7 @@ def test_batches_of_one_step_are_padded_to_a_common_length_without_new_loss_toke
     short = {"input_ids": np.ones((2, 16), np.int32), "attention_mask": np.ones((2, 16), np.int32),
              "labels": np.full((2, 16), 5, np.int32)}
     long = {k: np.ones((2, 32), np.int32) for k in short}
-    out = stages_lib.pad_to_common_length({"user": short, "align": long})
+    out = training_lib.pad_to_common_length({"user": short, "align": long})
     assert out["user"]["input_ids"].shape == (2, 32) and out["align"] is long
     assert out["user"]["attention_mask"][:, 16:].sum() == 0
     assert (out["user"]["labels"][:, 16:] == -100).all()
@@ -317,14 +320,14 @@ def test_defense_inputs_are_passed_by_name_and_a_missing_one_is_named():
 
     inputs = {"base_params": lambda: calls.append("base") or "B",
               "harmful": lambda: calls.append("harmful") or "H"}
-    assert stages_lib._call_with_inputs(apply, "x", (1, 2, 3), inputs) == (1, 2, 3, "B", None)
+    assert training_lib.call_with_inputs(apply, "x", (1, 2, 3), inputs) == (1, 2, 3, "B", None)
     assert calls == ["base"]  # inputs are built only when asked for
 
     def needs_more(cfg, params, lora, *, reference):
         return lora
 
     with pytest.raises(ConfigError, match="needs an input 'reference'"):
-        stages_lib._call_with_inputs(needs_more, "x", (1, 2, 3), inputs)
+        training_lib.call_with_inputs(needs_more, "x", (1, 2, 3), inputs)
 
 
 DEFENSE_STAGES = [
@@ -341,7 +344,7 @@ DEFENSE_STAGES = [
 
 def test_the_defense_stage_cases_cover_every_registered_defense():
     assert sorted(d for _, d, _ in DEFENSE_STAGES) == sorted(
-        stages_lib.defenses_api.available())
+        defenses.available())
 
 
 @pytest.mark.parametrize("flag, defense, stages", DEFENSE_STAGES)
@@ -395,3 +398,31 @@ def test_two_process_pipeline_equals_one_process(setup, tmp_path):
         assert sorted(a) == sorted(b)
         for k in a:
             np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=f"{stage}: {k}")
+
+
+def test_full_fine_tuning_trains_every_weight_in_both_stages(setup, tmp_path):
+    """--adapter=full: each stage saves a whole HF model; the aligned model is the alignment's
+    weights and the final one the fine-tuning's (no LoRA)."""
+    run = tmp_path / "full"
+    pipe = Pipeline(_config(setup, run, adapter="full", eval_models="final", lr=1e-3,
+                            align_lr=1e-3))
+    res = pipe.run()
+    for stage in ("align", "finetune"):
+        assert (run / stage / "adapter" / "config.json").is_file()
+        assert not (run / stage / "adapter" / "adapter_config.json").exists()
+    params, lora = pipe.final_model()
+    assert lora is None
+    base = pipe.base.params
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                zip(jax.tree.leaves(params), jax.tree.leaves(base), strict=True))
+    assert moved > 1e-4 and [r["model"] for r in res["rows"]] == ["final"]
+
+
+def test_a_composed_defense_and_a_named_task_run_through_the_pipeline(setup, tmp_path):
+    run = tmp_path / "composed"
+    Pipeline(_config(setup, run, align_defense="vaccine+booster",
+                     align_defense_hparams="vaccine.rho=2.0,booster.lam=5.0")).run(["align"])
+    summary = json.loads((run / "align" / "DONE").read_text())["summary"]
+    assert summary["streams"] == ["align", "harmful"]
+    key = json.loads((run / "align" / "key.json").read_text())
+    assert [d["name"] for d in key["align"]["train"]["defenses"]] == ["vaccine", "booster"]

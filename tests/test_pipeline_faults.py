@@ -29,11 +29,13 @@ from hfjax import data as data_lib
 from hfjax import defenses, models
 from hfjax.models import init_random, save_hf
 from hfjax.models.config import ModelConfigError
-from hfjax.pipeline import ConfigError, Pipeline, RunConfig, StageInterrupted
-from hfjax.pipeline import stages as stages_lib
+from hfjax.pipeline import ConfigError, Pipeline, RunFlags, StageInterrupted
+from hfjax.pipeline import evaluation as evaluation_lib
+from hfjax.pipeline import training as training_lib
 from hfjax.pipeline.inputs import file_digest, model_digest
 from hfjax.pipeline.lock import LockedError, folder_lock
 from hfjax.pipeline.run_folder import StageMismatchError
+from hfjax.train import step as step_module
 from hfjax.train.loop import NonFiniteError
 from hfjax.train.loss import make_loss_fn
 
@@ -54,7 +56,7 @@ def own(tiny, tmp_path):
     return tmp_path, tmp_path / "model", copies
 
 
-def _config(setup, run_dir, **kw) -> RunConfig:
+def _config(setup, run_dir, **kw) -> RunFlags:
     """test_pipeline's tiny run, without the alignment stage and evaluating the base model only
     unless a test says otherwise."""
     return pipeline_config(setup, run_dir, **{"align_epochs": 0, "eval_models": "base", **kw})
@@ -68,7 +70,7 @@ def _adapter(run_dir: Path, stage: str) -> dict:
 
 def _interrupt_third_step(monkeypatch):
     """make_train_step returns a step that raises KeyboardInterrupt at its 3rd call."""
-    real = stages_lib.step_lib.make_train_step
+    real = step_module.make_train_step
 
     def interrupting(*a, **k):
         fn, calls = real(*a, **k), {"n": 0}
@@ -82,7 +84,7 @@ def _interrupt_third_step(monkeypatch):
         step.compiles = 0
         return step
 
-    monkeypatch.setattr(stages_lib.step_lib, "make_train_step", interrupting)
+    monkeypatch.setattr(step_module, "make_train_step", interrupting)
 
 
 # ------------------------------------------------------------------ silent wrong results
@@ -205,7 +207,7 @@ def test_a_refused_rerun_keeps_run_json_and_a_failed_start_writes_nothing(tiny, 
     assert not bad.exists()
     Pipeline(_config(tiny, bad, epochs=0)).run()  # the corrected command is not blocked
     manifest = (bad / "run.json").read_bytes()
-    with pytest.raises(StageMismatchError, match="max_new_tokens: 5 -> 4"):
+    with pytest.raises(StageMismatchError, match="eval.max_new_tokens: 5 -> 4"):
         Pipeline(_config(tiny, bad, epochs=0, max_new_tokens=4)).run()
     assert (bad / "run.json").read_bytes() == manifest
 
@@ -250,7 +252,7 @@ def test_census_counts_rows_that_keep_no_response_token():
     ex = [data_lib.Example(np.arange(4), np.array([-100, -100, 5, 6])),
           data_lib.Example(np.arange(4), np.array([-100, -100, -100, -100])),
           data_lib.Example(np.arange(2), np.array([7, -100]))]  # a label at t = 0 is no target
-    census = stages_lib.loss_token_census(recs, ex, "rows")
+    census = training_lib.loss_token_census(recs, ex, "rows")
     assert census == {"rows": 3, "loss_tokens": 2, "rows_without_loss_tokens": 2,
                       "harmful_rows": 2, "harmful_rows_without_loss_tokens": 1}
 
@@ -285,7 +287,7 @@ def _binary(args: list[str], cache: Path, env: dict | None = None, **kw):
                             text=True, **kw)
 
 
-def _flags(rc: RunConfig) -> list[str]:
+def _flags(rc: RunFlags) -> list[str]:
     return [f"--{k}={v}" for k, v in rc.to_dict().items()
             if not isinstance(v, bool) and v != "" and k not in ("defense", "defense_hparams")]
 
@@ -341,7 +343,7 @@ def test_folder_lock_refuses_or_waits_and_records_its_holder(tmp_path):
 
 def _captured_first_step(monkeypatch) -> dict:
     """Patch make_train_step to record the first call's state and host batches."""
-    real, seen = stages_lib.step_lib.make_train_step, {}
+    real, seen = step_module.make_train_step, {}
 
     def recording(*a, **k):
         fn = real(*a, **k)
@@ -355,7 +357,7 @@ def _captured_first_step(monkeypatch) -> dict:
         step.compiles = 0
         return step
 
-    monkeypatch.setattr(stages_lib.step_lib, "make_train_step", recording)
+    monkeypatch.setattr(step_module, "make_train_step", recording)
     return seen
 
 
@@ -423,10 +425,10 @@ def test_a_data_defense_trains_on_exactly_the_rows_it_returns(tiny, tmp_path):
                             finetune_defense_hparams="guide_data_num=6"))
     pipe.run(["finetune"])
     rows = defenses.get("safe_instr_mix").build(guide_data_num=6)(
-        pipe.user_records(), pipe._stream_records("align", "finetune"))
-    census = stages_lib.loss_token_census(rows, pipe._tokenize(rows), "rows")
-    plain = stages_lib.loss_token_census(pipe.user_records(),
-                                         pipe._tokenize(pipe.user_records()), "rows")
+        pipe.trainer.user_records(), pipe.trainer.stream_records("align", "finetune"))
+    census = training_lib.loss_token_census(rows, pipe.trainer.tokenize(rows), "rows")
+    plain = training_lib.loss_token_census(pipe.trainer.user_records(),
+                                         pipe.trainer.tokenize(pipe.trainer.user_records()), "rows")
     summary = json.loads((run / "finetune" / "DONE").read_text())["summary"]
     assert {k: summary[k] for k in census} == census != plain
 
@@ -465,7 +467,7 @@ def test_hs_fa_and_the_degenerate_share_from_scripted_generations_are_exact(own,
         return [tok(answer(tok.decode(p)), add_special_tokens=False)["input_ids"]
                 for p in prompts]
 
-    monkeypatch.setattr(stages_lib, "greedy_generate", scripted)
+    monkeypatch.setattr(evaluation_lib, "greedy_generate", scripted)
     res = pipe.run()
     (row,) = res["rows"]
     n = len(harm)
@@ -492,10 +494,10 @@ def test_the_attack_s_prompts_reach_no_other_role_and_run_json_records_each_role
     pipe = Pipeline(_config(tiny, run, align_epochs=1, align_refusals=16, align_benign=8,
                             finetune_defense="lisa", defense_data_size=12))
     keys = {
-        "alignment": {data_lib.prompt_key(r) for r in pipe.alignment_records() if r["source"]
-                      == "advbench"},
-        "attack": {data_lib.prompt_key(r) for r in pipe.user_records() if r["harmful"]},
-        "lisa": {data_lib.prompt_key(r) for r in pipe._stream_records("align", "finetune")}}
+        "alignment": {data_lib.prompt_key(r) for r in pipe.trainer.alignment_records()
+                      if r["source"] == "advbench"},
+        "attack": {data_lib.prompt_key(r) for r in pipe.trainer.user_records() if r["harmful"]},
+        "lisa": {data_lib.prompt_key(r) for r in pipe.trainer.stream_records("align", "finetune")}}
     assert [len(v) for v in keys.values()] == [16, 8, 12]
     assert keys["lisa"] < keys["alignment"]
     assert not keys["attack"] & (keys["alignment"] | keys["lisa"])
@@ -518,8 +520,9 @@ def test_alignment_settings_of_their_own_and_a_continued_adapter_reach_the_stage
                  finetune_adapter="continue", eval_models="final", align_schedule="linear",
                  align_warmup_ratio=0.5)
     pipe = Pipeline(rc)
-    assert rc.training("align").schedule == "linear" and rc.training("finetune").schedule == \
-        "constant" and rc.training("align").warmup_ratio == 0.5
+    align_opt, ft_opt = pipe.rc.align.train.optimizer, pipe.rc.finetune.train.optimizer
+    assert (align_opt.schedule, align_opt.warmup_ratio, ft_opt.schedule) == ("linear", 0.5,
+                                                                            "constant")
     pipe.run(["align"])
     aligned = models.lora.load_peft(run / "align" / "adapter", pipe.base.cfg)
     assert aligned.rank == 4 and sorted(aligned.weights) == ["q_proj", "v_proj"]
@@ -543,11 +546,11 @@ def test_hs_prompts_from_all_rows_and_in_file_order_when_asked(own, tmp_path):
     path = tmp_path / "bt.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rc = dict(harmful_eval_data=f"beavertails:{path}", eval_size=4, epochs=0)
-    harmful = Pipeline(_config(own, tmp_path / "a", **rc)).eval_sets()[0]
+    harmful = Pipeline(_config(own, tmp_path / "a", **rc)).evaluator.eval_sets()[0]
     assert len(harmful) == 4 and all("case" in r["prompt"] and int(r["prompt"].split()[-1]) % 2
                                      for r in harmful)  # only the unsafe rows
     first = Pipeline(_config(own, tmp_path / "b", harmful_eval_rows="all", row_order="file",
-                             **rc)).eval_sets()[0]
+                             **rc)).evaluator.eval_sets()[0]
     assert [r["prompt"] for r in first] == [f"Describe placeholder case {i}" for i in range(4)]
 
 
@@ -578,8 +581,8 @@ def test_a_data_defense_draws_with_the_run_s_seed_and_lisa_gets_the_run_s_step_c
     def guide(seed, **kw):
         pipe = Pipeline(_config(tiny, tmp_path / f"s{seed}", seed=seed,
                                 finetune_defense="safe_instr_mix", **kw))
-        rows = pipe._data_defense(pipe.defenses["finetune_defense"], pipe.user_records(),
-                                  "finetune")
+        rows = pipe.trainer.data_defenses(pipe.rc.finetune.train.defenses,
+                                          pipe.trainer.user_records(), "finetune")
         return [r["prompt"] for r in rows]
 
     assert guide(0, finetune_defense_hparams="guide_data_num=4") != \

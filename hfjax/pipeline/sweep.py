@@ -1,4 +1,4 @@
-"""Sweep planning: the grid flags, and the list of (grid point, validated RunConfig) they give.
+"""Sweep planning: the grid flags, and the list of (grid point, validated RunFlags) they give.
 
     --grid=defense=none,lisa --grid=harmful_ratio=0,0.1 --hparams=lisa:rho=1
 
@@ -15,7 +15,8 @@ from pathlib import Path
 from absl import flags
 
 from hfjax.pipeline import flags as pflags
-from hfjax.pipeline.config import ConfigError, RunConfig, validate
+from hfjax.pipeline.config import ConfigError
+from hfjax.pipeline.flags import RunFlags, validate
 
 FIXED = ("run_dir", "stage_cache", "overwrite")
 
@@ -78,9 +79,9 @@ def run_name(combo: dict) -> str:
 
 
 def plan(flag_values: flags.FlagValues = flags.FLAGS, device_count: int | None = None
-         ) -> tuple[Path, list[tuple[dict, RunConfig]]]:
-    """(sweep folder, [(grid point, validated RunConfig)]): every run is checked up front."""
-    base = pflags.config_from_flags(flag_values)
+         ) -> tuple[Path, list[tuple[dict, RunFlags]]]:
+    """(sweep folder, [(grid point, validated RunFlags)]): every run is checked up front."""
+    base = pflags.flags_from_absl(flag_values)
     if not base.run_dir:
         raise ConfigError("--run_dir (the sweep folder) is required")
     root = Path(base.run_dir).expanduser().absolute()

@@ -1,4 +1,4 @@
-"""Run the experiment pipeline from a RunConfig JSON, as one process or as one of N
+"""Run the experiment pipeline from a RunFlags JSON, as one process or as one of N
 `jax.distributed` processes on localhost (CPU collectives through gloo).
 
     python tests/workers/pipeline_worker.py CONFIG.json OUT.json [--process_id I
@@ -26,7 +26,7 @@ if args.num_processes > 1:
     jax.distributed.initialize(f"localhost:{args.port}", num_processes=args.num_processes,
                                process_id=args.process_id, shutdown_timeout_seconds=60)
 
-from hfjax.pipeline import Pipeline, RunConfig, run_folder  # noqa: E402
+from hfjax.pipeline import Pipeline, RunFlags, run_folder  # noqa: E402
 
 if args.num_processes > 1 and jax.process_index() == 0:
     # process 0 writes every stage's DONE marker a second late: without the pipeline's barriers
@@ -39,7 +39,7 @@ if args.num_processes > 1 and jax.process_index() == 0:
 
     run_folder.StageDir.finish = late_finish
 
-res = Pipeline(RunConfig(**json.loads(open(args.config).read()))).run()
+res = Pipeline(RunFlags(**json.loads(open(args.config).read()))).run()
 if jax.process_index() == 0:
     with open(args.out, "w") as f:
         json.dump({"rows": res["rows"], "processes": jax.process_count(),

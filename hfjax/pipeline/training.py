@@ -1,0 +1,315 @@
+"""The training stages: the rows each trains on, and the run of the built train step.
+
+    align      LoRA #1 (or the whole model, --adapter=full) on the alignment set: harmful prompts
+               answered with refusals plus benign rows (a paired defense, RepNoise, trains on the
+               alignment prompts' refusal / harmful-answer pairs instead), the stage's defenses
+    finetune   a fresh adapter on the merged aligned model (or LoRA #1 further, on the base) on
+               the user data the attack makes, with the fine-tuning defenses
+    repair     the post-fine-tuning weight defenses map the fine-tuning adapter
+
+Data defenses edit the records; gradient defenses go into `hfjax.train.builder`, which builds
+the step; every extra stream a defense reads comes from its planned slice of the harmful pool
+(`Resources.plan`). Each training writes metrics.jsonl and orbax checkpoints into its stage
+folder and resumes from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from hfjax import attacks
+from hfjax import data as data_lib
+from hfjax.defenses import compose
+from hfjax.defenses.compose import DefenseChoice
+from hfjax.models import adapters
+from hfjax.pipeline.config import ConfigError, TrainSettings
+from hfjax.pipeline.resources import DATA_DEFENSE_INPUTS, Resources, stream_kind
+from hfjax.pipeline.run_folder import write_json
+from hfjax.train import builder
+from hfjax.train import loop as loop_lib
+from hfjax.train.checkpoint import Checkpointer
+
+SALTS = {"align": 1, "finetune": 2, "repair": 3}
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Training stopped before its last step (a checkpoint was written; rerun to resume)."""
+
+
+def call_with_inputs(fn: Callable, what: str, args: tuple, inputs: Mapping[str, Callable]):
+    """Call fn(*args, **named inputs it asks for); each input is built lazily by its thunk."""
+    params = list(inspect.signature(fn).parameters.values())[len(args):]
+    kwargs = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in inputs:
+            kwargs[p.name] = inputs[p.name]()
+        elif p.default is inspect.Parameter.empty:
+            raise ConfigError(f"{what} needs an input {p.name!r} the pipeline does not provide "
+                              f"(it provides {sorted(inputs)})")
+    return fn(*args, **kwargs)
+
+
+def pad_to_common_length(batches: dict[str, dict]) -> dict[str, dict]:
+    """Right-pad every named batch of a step to the longest one's length (mask 0, labels -100),
+    so a multi-stream step compiles once per length instead of once per length combination."""
+    length = max(b["input_ids"].shape[1] for b in batches.values())
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": data_lib.IGNORE_INDEX}
+
+    def pad(b: dict) -> dict:
+        extra = length - b["input_ids"].shape[1]
+        if not extra:
+            return b
+        return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k])
+                for k, v in b.items()}
+
+    return {n: pad(b) for n, b in batches.items()}
+
+
+def loss_token_census(records: Sequence[Mapping], examples: Sequence[data_lib.Example],
+                      what: str) -> dict:
+    """Rows and loss tokens of a training set: {rows, loss_tokens, rows_without_loss_tokens,
+    harmful_rows, harmful_rows_without_loss_tokens}. A row whose response was cut away by
+    --max_length trains nothing; a set with no loss token at all is an error (the stage would
+    "train" on nothing and report the result as a finding)."""
+    counts = [int(np.sum(ex.labels[1:] != data_lib.IGNORE_INDEX)) for ex in examples]
+    harmful = [bool(r.get("harmful")) for r in records]
+    census = {"rows": len(counts), "loss_tokens": int(sum(counts)),
+              "rows_without_loss_tokens": sum(c == 0 for c in counts),
+              "harmful_rows": sum(harmful),
+              "harmful_rows_without_loss_tokens": sum(c == 0 and h for c, h in
+                                                      zip(counts, harmful, strict=True))}
+    if census["loss_tokens"] == 0:
+        raise data_lib.DataError(
+            f"{what} have no response token left to train on ({len(counts)} rows; every "
+            f"response was cut away by --max_length or is empty): raise --max_length or "
+            f"shorten the prompts")
+    if census["rows_without_loss_tokens"]:
+        print(f"warning: {census['rows_without_loss_tokens']} of {len(counts)} of {what} "
+              f"({census['harmful_rows_without_loss_tokens']} harmful) keep no response token "
+              f"after cutting to --max_length and train nothing", flush=True)
+    return census
+
+
+def gradient_defenses(choices: Sequence[DefenseChoice]) -> list[DefenseChoice]:
+    return [c for c in choices if c.spec.level == "gradient"]
+
+
+class Trainer:
+    """The rows and the training runs of one run's stages (module docstring)."""
+
+    def __init__(self, res: Resources):
+        self.res, self.rc = res, res.rc
+
+    # ------------------------------------------------------------ rows
+    def alignment_records(self) -> list:
+        res, a = self.res, self.rc.align
+        refusals = res.plan.take(res.pools(), data_lib.plan.ALIGNMENT)
+        benign = data_lib.sample(res.data.align_benign, a.benign, self.rc.run.seed,
+                                 "benign alignment source", self.rc.data.row_order)
+        return data_lib.build_alignment_set(refusals, benign, len(refusals), len(benign),
+                                            self.rc.run.seed)
+
+    def alignment_pairs(self) -> list:
+        """The alignment's harmful rows, each with its refusal (paired, or templated) in
+        "refusal": a paired defense's rows (RepNoise trains on these pairs alone)."""
+        rows = self.res.plan.take(self.res.pools(), data_lib.plan.ALIGNMENT)
+        return [{**r, "refusal": data_lib.refusal_row(r, self.rc.run.seed)["response"]}
+                for r in rows]
+
+    def user_records(self) -> list:
+        """The user data the attack makes from the task rows and the planned harmful rows."""
+        res, f = self.res, self.rc.finetune
+        harmful = res.plan.take(res.pools(), data_lib.plan.ATTACK)
+        attack = attacks.get(f.attack.name).build(**f.attack.hparams)
+        return attack(res.data.task_train, harmful, n=f.num_samples, p=f.harmful_ratio,
+                      seed=self.rc.run.seed, order=self.rc.data.row_order)
+
+    def stream_records(self, name: str, stage: str) -> list:
+        """Records of the extra batch stream `name` a defense reads at `stage` (alignment,
+        finetune, post): its own slice of the harmful pool, as refusals for a safety stream."""
+        kind, d = stream_kind(name), self.rc.data
+        if kind == "align" and stage == "finetune" and d.safety_stream == "benign":
+            return data_lib.sample(self.res.data.align_benign, d.defense_data_size,
+                                   self.rc.run.seed, "benign alignment source", d.row_order)
+        rows = self.res.plan.take(self.res.pools(), f"{stage}:{kind}")
+        if not rows:
+            raise ConfigError(f"the {stage} stage's defense reads a {name!r} stream the pipeline "
+                              f"did not plan (streams planned: {sorted(self.res.plan.rows)})")
+        if kind == "align":
+            return [data_lib.refusal_row(r, self.rc.run.seed) for r in rows]
+        return rows
+
+    def data_defenses(self, choices: Sequence[DefenseChoice], records: list,
+                      stage: str) -> list:
+        """Apply the stage's data-level defenses (`records -> records`, e.g. SafeInstr mixing)
+        in order; a `seed` hyper-parameter defaults to the run's."""
+        for c in choices:
+            if c.spec.level != "data":
+                continue
+            hparams = dict(c.hparams)
+            if "seed" in c.spec.hyperparameters:
+                hparams = {"seed": self.rc.run.seed, **hparams}
+            records = call_with_inputs(c.spec.build(**hparams), c.name, (records,), {
+                name: lambda name=name: self.stream_records(name, stage)
+                for name in DATA_DEFENSE_INPUTS})
+        return records
+
+    def tokenize(self, records: list, response_field: str = "response") -> list:
+        return data_lib.tokenize_records(records, self.res.base.tokenizer, self.rc.data.template,
+                                         self.rc.data.max_length, response_field=response_field)
+
+    def batcher(self, examples, batch_size: int, seed: int, num_epochs: int | None,
+                drop_last: bool = True):
+        tok, d = self.res.base.tokenizer, self.rc.data
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        lengths = tuple(range(d.pad_multiple, d.max_length, d.pad_multiple)) + (d.max_length,)
+        return data_lib.Batcher(examples, batch_size, seed, buckets=lengths, pad_id=pad,
+                                num_epochs=num_epochs, drop_last=drop_last,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+
+    # ------------------------------------------------------------ a training run
+    def train(self, out: Path, *, params: dict, records: list, stream: str,
+              settings: TrainSettings, salt: int, init: Any = None) -> tuple[Any, dict]:
+        """Train the stage's adapter (fresh, or `init`) on `records` (the batch stream named
+        `stream`: "align" at the alignment stage, "user" at fine-tuning); the stage's gradient
+        defenses are chained before AdamW by the builder, which also says every batch stream
+        they read."""
+        rc, base, mesh = self.rc, self.res.base, self.res.mesh
+        kind = adapters.get(settings.adapter.kind)
+        defenses = gradient_defenses(settings.defenses)
+        probe = compose.step_options(defenses, stream)
+        per = mesh.shape["data"] * mesh.shape["fsdp"]
+        for name, size in probe.batch_sizes:
+            if size % per:
+                raise ConfigError(f"a defense reads {size}-row {name!r} batches, which the "
+                                  f"mesh's data x fsdp = {per} devices do not divide")
+        bs, seed = settings.batch_size, rc.run.seed + salt
+        if probe.paired:  # one record per row: its refusal in paired[0], its answer in the others
+            examples = {n: self.tokenize(records, "refusal" if n == probe.paired[0]
+                                         else "response") for n in probe.paired}
+            census = loss_token_census([{**r, "harmful": False} for r in records],
+                                       examples[probe.paired[0]], f"the {stream!r} rows")
+            # no label-masked fillers: the official pair mask reads ids, where fillers count
+            primary = self.batcher(examples, bs, seed, settings.epochs)
+        else:
+            examples = self.tokenize(records)
+            census = loss_token_census(records, examples, f"the {stream!r} rows")
+            primary = self.batcher(examples, bs, seed, settings.epochs, drop_last=False)
+        total = primary.total_steps
+        stage = "alignment" if stream == "align" else "finetune"
+        trainable = init if init is not None else kind.init(
+            base.cfg, jax.random.fold_in(jax.random.key(rc.run.seed), salt), params,
+            settings.adapter)
+        if init is not None and hasattr(trainable, "replace") and settings.adapter.kind == "lora":
+            trainable = trainable.replace(dropout=settings.adapter.dropout)
+        training = builder.build_training(
+            base.cfg, trainable, mesh=mesh,
+            optimizer=dataclasses.replace(settings.optimizer, total_steps=total),
+            defenses=defenses, primary=stream, full_finetune=kind.full_finetune, seed=seed,
+            skip_nonfinite=settings.nonfinite == "skip")
+        extra = {name: self.batcher(self.tokenize(self.stream_records(name, stage)),
+                                    training.batch_sizes.get(name, bs), seed + 10 + i, None)
+                 for i, name in enumerate(training.batch_names[1:])
+                 if name not in training.paired}
+
+        def batches(start: int) -> Iterator[dict]:
+            others = {n: b.batches(start) for n, b in extra.items()}
+            for b in primary.batches(start):
+                yield pad_to_common_length({**(b if probe.paired else {stream: b}),
+                                            **{n: next(it) for n, it in others.items()}})
+
+        ckpt = Checkpointer(out / "ckpt", every=rc.run.checkpoint_every, keep=2)
+        try:
+            st, history = loop_lib.train(training.step, training.state, params, batches,
+                                         mesh=mesh, num_steps=total,
+                                         state_shardings=training.state_shardings,
+                                         checkpointer=ckpt, metrics_path=out / "metrics.jsonl",
+                                         progress=rc.run.progress)
+        finally:
+            ckpt.close()
+        if int(st.step) < total:
+            raise StageInterrupted(f"training stopped at step {int(st.step)} of {total}; "
+                                   f"rerun the same command to resume from {out / 'ckpt'}")
+        loop_lib.check_finite_tree(st.trainable, f"the trained adapter in {out}")
+        skipped = int(sum(h.get("skipped", 0) for h in history))
+        if 2 * skipped > len(history):
+            raise loop_lib.NonFiniteError(
+                f"{skipped} of the {len(history)} steps of this run of the stage had a non-finite "
+                f"loss or gradient norm and were skipped (--nonfinite=skip): the training "
+                f"diverged; lower the learning rate. The stage is not marked done")
+        times = [h["step_time_s"] for h in history[1:]] or [h["step_time_s"] for h in history]
+        summary = {"steps": total, **census, "streams": list(training.batch_names),
+                   "compiles": training.step.compiles,
+                   "steps_per_epoch": primary.steps_per_epoch, "skipped_steps": skipped,
+                   "final_loss": history[-1]["loss"] if history else None,
+                   "median_step_s": float(np.median(times)) if times else None}
+        return st.trainable, summary
+
+    # ------------------------------------------------------------ the stages
+    def save_adapter(self, out: Path, settings: TrainSettings, trainable) -> None:
+        # every process: saving all-gathers weights that span processes; process 0 writes
+        adapters.get(settings.adapter.kind).save(out / "adapter", self.res.base.cfg, trainable,
+                                                 base_model=self.res.model_path())
+
+    def load_adapter(self, folder: Path, settings: TrainSettings):
+        return adapters.get(settings.adapter.kind).load(folder / "adapter", self.res.base.cfg)
+
+    def run_align(self, out: Path) -> dict:
+        settings = self.rc.align.train
+        if any(c.spec.step_options(**c.hparams).paired for c in gradient_defenses(
+                settings.defenses)):
+            records = self.alignment_pairs()
+        else:
+            records = self.data_defenses(settings.defenses, self.alignment_records(),
+                                         "alignment")
+        trainable, summary = self.train(out, params=self.res.base.params, records=records,
+                                        stream="align", settings=settings, salt=SALTS["align"])
+        self.save_adapter(out, settings, trainable)
+        return summary
+
+    def run_finetune(self, out: Path, *, params: dict, init=None) -> dict:
+        settings = self.rc.finetune.train
+        records = self.data_defenses(settings.defenses, self.user_records(), "finetune")
+        trainable, summary = self.train(out, params=params, records=records, stream="user",
+                                        settings=settings, salt=SALTS["finetune"], init=init)
+        self.save_adapter(out, settings, trainable)
+        return summary
+
+    def run_repair(self, out: Path, *, tuned, aligned: Callable[[], dict],
+                   main_process: bool) -> dict:
+        """The post-fine-tuning weight transforms `(cfg, params, lora, **inputs) -> lora` (or
+        `(lora, report)`), in order; params are the aligned weights the adapter was trained
+        on."""
+        cfg, settings = self.res.base.cfg, self.rc.finetune.train
+
+        def calibration() -> list[dict]:
+            ex = self.tokenize(self.stream_records("harmful", "post"))
+            return list(self.batcher(ex, settings.batch_size, self.rc.run.seed + SALTS["repair"],
+                                     1).batches(0))
+
+        reports = {}
+        for c in self.rc.repair.defenses:
+            result = call_with_inputs(c.spec.build(**c.hparams), c.name, (cfg, aligned(), tuned),
+                                      {"base_params": lambda: self.res.base.params,
+                                       "aligned_params": aligned,
+                                       "calibration_batches": calibration})
+            tuned, report = result if isinstance(result, tuple) else (result, {})
+            reports[c.name] = {k: v for k, v in (report or {}).items()
+                               if isinstance(v, int | float | str | bool | list | dict)
+                               and k != "masks"}
+        self.save_adapter(out, settings, tuned)
+        if main_process:
+            write_json(out / "report.json", jax.tree.map(
+                lambda x: np.asarray(x).tolist() if hasattr(x, "shape") else x,
+                reports if len(reports) > 1 else next(iter(reports.values()), {})))
+        return {"defense": "+".join(c.name for c in self.rc.repair.defenses)}

@@ -1,0 +1,77 @@
+"""The one place that turns a training setup into a runnable, sharded train step.
+
+    training = build_training(cfg, trainable, mesh=mesh, optimizer=OptimizerConfig(...),
+                              defenses=[DefenseChoice.named("vaccine", rho=2.0)],
+                              primary="align", full_finetune=False, seed=0)
+    state, metrics = training.step(training.state, frozen, put_batches(batches, mesh))
+    training.batch_names   # the named batches to feed every step, primary first
+
+Inputs: the model config, the initial trainable (a LoRA, or the params for full fine-tuning),
+the optimizer settings (`OptimizerConfig`, its `total_steps` the run's), the mesh and the
+gradient defenses to chain before the optimizer. The builder composes the defenses
+(`hfjax.defenses.compose`), chains them before clipping + AdamW, asks the train step to do what
+they need from its own forward and backward (their `StepOptions`), places the initial state with
+its shardings, and says which batches to feed: the primary (the stage's own data, or the
+defense's, e.g. Lisa's phase batch) and every extra stream the defenses read, the paired ones
+among them, and any batch size a defense fixes. The pipeline, the benchmarks and the tests all
+build their steps here; `make_train_step` has no other caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jax.sharding import Mesh
+
+from hfjax.defenses import compose
+from hfjax.defenses.compose import DefenseChoice
+from hfjax.models.config import ModelConfig
+from hfjax.train import optim
+from hfjax.train import state as state_lib
+from hfjax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Training:
+    """A built training setup (see the module docstring)."""
+
+    step: step_lib.CompileCounter
+    state: state_lib.TrainState
+    state_shardings: state_lib.TrainState
+    frozen_shardings: Any
+    primary: str | tuple[str, ...]  # what the step differentiates (Lisa: one per phase)
+    batch_names: tuple[str, ...]  # every batch to feed, the stage's own first
+    paired: tuple[str, ...]
+    batch_sizes: dict[str, int]
+    schedule: Callable
+    optimizer: Any
+
+
+def build_training(cfg: ModelConfig, trainable, *, mesh: Mesh, optimizer: optim.OptimizerConfig,
+                   defenses: Sequence[DefenseChoice] = (), primary: str = "user",
+                   full_finetune: bool = False, seed: int = 0, skip_nonfinite: bool = False,
+                   pre: Sequence = ()) -> Training:
+    """Build the jitted, sharded, state-donating step for `trainable` (module docstring).
+
+    `primary`: the stage's own batch name ("user" when fine-tuning, "align" when aligning),
+    which a defense may replace. `pre`: further optax transforms chained before the defenses
+    (a user's own). The optimizer's `total_steps` is passed to defenses that read it.
+    """
+    options = compose.step_options(defenses, primary)
+    chain = [*pre, *compose.transforms(defenses, total_steps=optimizer.total_steps)]
+    opt = optim.make_optimizer(optimizer, pre=chain)
+    st, st_sh = step_lib.init_state(cfg, trainable, opt, mesh=mesh, seed=seed,
+                                    full_finetune=full_finetune)
+    frozen_sh = state_lib.params_shardings(cfg, mesh)
+    schedule = optim.make_schedule(optimizer)
+    fn = step_lib.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
+                                  frozen_shardings=frozen_sh, full_finetune=full_finetune,
+                                  learning_rate_fn=schedule,
+                                  accumulation_steps=optimizer.accumulation_steps,
+                                  skip_nonfinite=skip_nonfinite, **options.step_kwargs())
+    names = tuple(dict.fromkeys([primary, *options.batch_names, *options.paired,
+                                 *compose.batches(defenses)]))
+    return Training(fn, st, st_sh, frozen_sh, options.primary, names, tuple(options.paired),
+                    dict(options.batch_sizes), schedule, opt)
