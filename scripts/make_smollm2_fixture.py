@@ -24,9 +24,12 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
+import sys
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from hfjax.eval.report import atomic_open  # noqa: E402  (numpy + stdlib only)
 
 PROMPT = "Name three facts about Paris, the capital of France."
 NEW_TOKENS = 20
@@ -53,19 +56,6 @@ def sha256(path: pathlib.Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main() -> None:
@@ -125,17 +115,11 @@ def main() -> None:
         "strided_logits": logits[:, ::VOCAB_STRIDE].astype(np.float32),
     }
 
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(golden, f, indent=1)
-            f.write("\n")
-
-    _atomic_write(args.out / "logits.npz", write_npz)
-    _atomic_write(args.out / "golden.json", write_json)
+    with atomic_open(args.out / "logits.npz", "wb") as f:
+        np.savez_compressed(f, **arrays)
+    with atomic_open(args.out / "golden.json") as f:
+        json.dump(golden, f, indent=1)
+        f.write("\n")
     print(f"wrote {args.out}/golden.json and logits.npz: {len(golden['input_ids'])} prompt tokens, "
           f"greedy {golden['greedy_text']!r}")
 

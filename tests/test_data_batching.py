@@ -90,10 +90,12 @@ def test_long_rows_are_cut_at_max_length_with_a_warning(tok):
         assert np.array_equal(a.labels[:lengths[1]], b.labels)
 
 
-def test_default_buckets():
-    assert data.default_buckets(200) == (32, 64, 128, 200)
-    assert data.default_buckets(128) == (32, 64, 128)
-    assert data.default_buckets(16) == (16,)
+def test_length_buckets_are_multiples_below_max_length_then_max_length():
+    assert data.length_buckets(72) == (16, 32, 48, 64, 72)
+    assert data.length_buckets(64, 32) == (32, 64)
+    assert data.length_buckets(10) == (10,)
+    with pytest.raises(data.DataError, match="must be positive"):
+        data.length_buckets(64, 0)
     assert data.bucket_for(33, (32, 64)) == 64
     with pytest.raises(data.DataError, match="exceeds the largest bucket 64"):
         data.bucket_for(65, (32, 64))

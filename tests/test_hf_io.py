@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from hfjax import sharding as sharding_lib
 from hfjax.models import config as config_lib
-from hfjax.models import hf_io
+from hfjax.models import hf_io, safetensors_reader
 from hfjax.models import params as params_lib
 from hfjax.models.config import ModelConfigError
 from hfjax.models.hf_io import load_hf, save_hf, weight_mappings
@@ -278,19 +278,41 @@ def test_mesh_loading_matches_unsharded_values_shardings_and_logits(
     np.testing.assert_allclose(np.asarray(logits_sharded), np.asarray(logits_plain), atol=1e-5)
 
 
-def test_each_device_reads_only_its_slice(saved_gemma2_and_qwen2, monkeypatch):
-    """With fsdp=4 x tensor=2, every HF kernel is read as 8 disjoint [out/2, in/4] blocks (and
-    data-replicated shards are read once), never as the whole tensor."""
-    path = saved_gemma2_and_qwen2["qwen2"]
-    reads: list[tuple[str, tuple[int, ...]]] = []
-    original = Checkpoint.read
+class _RecordingSlice:
+    """The library's slice of one tensor; records the shape of every read."""
 
-    def recording_read(self, name, index=()):
-        out = original(self, name, index)
-        reads.append((name, out.shape))
+    def __init__(self, name, view, reads):
+        self.name, self.view, self.reads = name, view, reads
+        self.get_shape, self.get_dtype = view.get_shape, view.get_dtype
+
+    def __getitem__(self, index):
+        out = self.view[index]
+        self.reads.append((self.name, out.shape))
         return out
 
-    monkeypatch.setattr(Checkpoint, "read", recording_read)
+
+class _RecordingFile:
+    """A `safe_open` handle whose only data access is `get_slice` (recorded): a whole-tensor
+    read by any other path fails."""
+
+    def __init__(self, handle, reads):
+        self.handle, self.reads = handle, reads
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_slice(self, name):
+        return _RecordingSlice(name, self.handle.get_slice(name), self.reads)
+
+
+def test_each_device_reads_only_its_slice(saved_gemma2_and_qwen2, monkeypatch):
+    """With fsdp=4 x tensor=2, every HF kernel is read as 8 disjoint [out/2, in/4] blocks (and
+    data-replicated shards are read once), never as the whole tensor: counted at the
+    safetensors library's slice reads."""
+    path = saved_gemma2_and_qwen2["qwen2"]
+    reads: list[tuple[str, tuple[int, ...]]] = []
+    monkeypatch.setattr(safetensors_reader, "safe_open",
+                        lambda *a, **k: _RecordingFile(safe_open(*a, **k), reads))
     for mesh_shape in [(1, 4, 2), (2, 4, 1)]:
         reads.clear()
         cfg, _ = load_hf(path, mesh=_mesh(*mesh_shape))
@@ -302,10 +324,10 @@ def test_each_device_reads_only_its_slice(saved_gemma2_and_qwen2, monkeypatch):
         down = [s for n, s in reads if n == "model.layers.0.mlp.down_proj.weight"]  # HF [D, F]
         assert down == [(64 // fsdp, 128 // tensor)] * (fsdp * tensor)
         # every element of every needed tensor is read exactly once in total
-        ckpt = Checkpoint(path)
         per_name: dict[str, int] = {}
         for name, shape in reads:
             per_name[name] = per_name.get(name, 0) + int(np.prod(shape))
+        ckpt = Checkpoint(path)
         assert per_name == {n: int(np.prod(ckpt.shape(n))) for n in ckpt.keys()}
 
 
@@ -349,10 +371,10 @@ def test_missing_weights_file_and_missing_shard_raise_file_not_found(saved_llama
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda raw: raw[:5], "too small"),
-        (lambda raw: struct.pack("<Q", 10**12) + raw[8:], "declared header length"),
-        (lambda raw: raw[:8] + b"#" + raw[9:], "corrupt safetensors header"),
-        (lambda raw: raw[:-100], "outside the"),
+        (lambda raw: raw[:5], "header too small"),
+        (lambda raw: struct.pack("<Q", 10**12) + raw[8:], "header too large"),
+        (lambda raw: raw[:8] + b"#" + raw[9:], "invalid JSON in header"),
+        (lambda raw: raw[:-100], "not fully covered"),
     ],
     ids=["no_header", "bad_length", "bad_json", "truncated"],
 )
@@ -429,3 +451,37 @@ def test_save_rejects_params_that_do_not_match_config(tmp_path):
     with pytest.raises(WeightShapeError, match="embed_tokens"):
         save_hf(tmp_path / "b", cfg.replace(vocab_size=100), params)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_slices_read_what_numpy_indexing_gives(saved_llama):
+    """Checkpoint.read clips and empties ranges as numpy does (the library itself rejects
+    out-of-range and empty ranges) and keeps the stored dtype."""
+    path, _, _ = saved_llama
+    name = "model.layers.1.mlp.down_proj.weight"  # [64, 128]
+    whole = load_file(path / "model.safetensors")[name]
+    ckpt = Checkpoint(path)
+    for index in [(), (slice(None),), (slice(3, 9), slice(100, 200)), (slice(-5, None),),
+                  (slice(64, 64),), (slice(10, 2), slice(0, 4)), (slice(0, 0), slice(5, 5))]:
+        got = ckpt.read(name, index)
+        assert got.dtype == whole.dtype and got.shape == whole[index].shape, index
+        np.testing.assert_array_equal(got, whole[index], err_msg=str(index))
+    with pytest.raises(IndexError, match="step 2"):
+        ckpt.read(name, (slice(None, None, 2),))
+
+
+def test_classifier_folder_loads_score_head_in_place_of_lm_head(saved_llama):
+    path, cfg, params = saved_llama
+    tensors = load_file(path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    head = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+    save_file({**tensors, "score.weight": head}, path / "model.safetensors")
+    cfg2, loaded = load_hf(path, num_labels=5)
+    assert not cfg2.tie_word_embeddings
+    np.testing.assert_array_equal(np.asarray(loaded["lm_head"]), head.T)
+    np.testing.assert_array_equal(np.asarray(loaded["embed_tokens"]),
+                                  np.asarray(params["embed_tokens"]))
+    with pytest.raises(WeightShapeError, match=r"score\.weight.*\[5, 64\].*\[3, 64\]"):
+        load_hf(path, num_labels=3)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(MissingWeightError, match=r"score\.weight.*sequence classifier"):
+        load_hf(path, num_labels=5)

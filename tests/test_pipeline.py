@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -426,3 +427,91 @@ def test_a_composed_defense_and_a_named_task_run_through_the_pipeline(setup, tmp
     assert summary["streams"] == ["align", "harmful"]
     key = json.loads((run / "align" / "key.json").read_text())
     assert [d["name"] for d in key["align"]["train"]["defenses"]] == ["vaccine", "booster"]
+
+
+@pytest.fixture(scope="module")
+def moved_run(setup, tmp_path_factory):
+    """A run with a stage cache, made in lab/ and then moved with its cache to moved/; the
+    rerun in the new place must redo nothing. Returns (run folder, DONE mtimes before/after)."""
+    root = tmp_path_factory.mktemp("travel")
+    Pipeline(_config(setup, root / "lab" / "run", stage_cache=str(root / "lab" / "cache"))).run()
+    (root / "lab").rename(root / "moved")
+    run = root / "moved" / "run"
+    stages = ("align", "finetune", "eval_base", "eval_aligned", "eval_final")
+    before = {s: _mtime(run, s) for s in stages}
+    Pipeline(_config(setup, run, stage_cache=str(root / "moved" / "cache"))).run()
+    return run, before, {s: _mtime(run, s) for s in stages}
+
+
+def test_a_moved_run_folder_with_its_stage_cache_resumes_without_redoing_a_stage(moved_run):
+    run, before, after = moved_run
+    for stage in before:
+        assert (run / stage).is_symlink() and not os.readlink(run / stage).startswith("/")
+    assert after == before
+
+
+def test_adapter_folders_name_a_portable_base_and_say_what_they_apply_to(setup, moved_run):
+    """align/adapter names the base by its folder name, not an absolute path; the fine-tuning
+    adapter names the aligned model next to it (a relative link to the alignment stage's merged
+    HF folder, bit-equal to base + alignment LoRA); every adapter folder has the tokenizer and a
+    card, and its files have the umask's mode (safetensors alone writes 0600)."""
+    from hfjax.models import hf_io
+    from hfjax.models import lora as lora_lib
+
+    run = moved_run[0]
+    _, model_dir, _ = setup
+    align_cfg = json.loads((run / "align" / "adapter" / "adapter_config.json").read_text())
+    tune_cfg = json.loads((run / "finetune" / "adapter" / "adapter_config.json").read_text())
+    assert align_cfg["base_model_name_or_path"] == model_dir.name
+    assert tune_cfg["base_model_name_or_path"] == "../aligned_model"
+    link = run / "finetune" / "aligned_model"
+    assert link.is_symlink() and not os.readlink(link).startswith("/")
+    assert link.resolve() == (run / "align" / "aligned_model").resolve()
+    card = (run / "finetune" / "adapter" / "README.md").read_text()
+    assert "applies to the aligned model only" in card and "base_model: ../aligned_model" in card
+    assert "applies to the aligned model only" not in (run / "align" / "adapter" /
+                                                       "README.md").read_text()
+    for folder in (run / "align" / "adapter", run / "finetune" / "adapter", link):
+        assert (folder / "tokenizer.json").is_file() and (folder / "README.md").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (run / "finetune" / "adapter" / "adapter_model.safetensors",
+              link / "model.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    cfg, base = hf_io.load_hf(model_dir)
+    merged = lora_lib.merge(cfg, base, lora_lib.load_peft(run / "align" / "adapter", cfg))
+    _, saved = hf_io.load_hf(link)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_adapters_in_transformers_and_peft_generate_what_hfjax_generated(moved_run, tmp_path):
+    """scripts/check_adapters_travel.py loads the moved run's aligned model, the alignment
+    adapter on the raw base and the fine-tuning adapter on the aligned model with transformers +
+    PEFT, as the cards say: every greedy generation equals hfjax's, and the last-position logits
+    equal hfjax's forward of the same models."""
+    from torch_live import run_script, torch_python
+
+    from hfjax.data import encode_prompts
+    from hfjax.models import hf_io
+    from hfjax.models import lora as lora_lib
+    from hfjax.models.decoder import forward
+    from hfjax.models.tokenizer import load_tokenizer
+
+    python = torch_python("transformers + PEFT loading of a run's adapters")
+    run = moved_run[0]
+    out = tmp_path / "logits.npz"
+    run_script(python, ROOT / "scripts" / "check_adapters_travel.py", str(run), "--logits",
+               str(out), env={"HF_HUB_OFFLINE": "1"})
+    cfg, aligned = hf_io.load_hf(run / "align" / "aligned_model")
+    tok = load_tokenizer(run / "align" / "adapter")
+    prompts = [json.loads(line)["prompt"] for line in
+               (run / "eval_final" / "generations_harmful.jsonl").read_text().splitlines()][:4]
+    tuned = lora_lib.load_peft(run / "finetune" / "adapter", cfg)
+    got = np.load(out)
+    for name, lora in (("aligned", None), ("final", tuned)):
+        for i, ids in enumerate(encode_prompts([{"prompt": p} for p in prompts], tok, "chat")):
+            x = jnp.asarray([ids])
+            want = forward(cfg, aligned, x, jnp.ones_like(x), lora=lora)[0, -1]
+            np.testing.assert_allclose(got[name][i], np.asarray(want), atol=2e-5,
+                                       err_msg=f"{name} prompt {i}")

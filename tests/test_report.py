@@ -1,8 +1,10 @@
-"""Evaluation reports: generations JSONL and results JSON contents, atomic writes, summary."""
+"""Evaluation reports: generations JSONL and results JSON contents, atomic writes, tables."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,11 +13,9 @@ from hfjax.eval.judges import JudgeResult, KeywordRefusalJudge, score_with
 from hfjax.eval.metrics import harmful_score
 from hfjax.eval.report import (
     atomic_open,
-    format_summary,
     generation_records,
     make_results,
-    print_summary,
-    read_jsonl,
+    markdown_table,
     write_generations,
     write_results,
 )
@@ -33,7 +33,6 @@ def test_generations_jsonl_holds_prompt_response_and_named_judge_scores(tmp_path
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2
     got = [json.loads(x) for x in lines]
-    assert got == read_jsonl(path)
     assert got[0] == {"prompt": PROMPTS[0], "response": RESPONSES[0],
                       "scores": {"keyword_refusal": 1.0, "beaver-dam-7b": 0.9}, "seed": 0}
     assert got[1]["scores"] == {"keyword_refusal": 0.0, "beaver-dam-7b": 0.1}
@@ -113,24 +112,34 @@ def test_atomic_open_replaces_only_on_success(tmp_path):
             pass
 
 
-def test_summary_table_lists_each_run(capsys):
-    rows = [
-        make_results(model="base", judge="keyword_refusal", task="sst2", harmful_score=0.1,
-                     finetune_accuracy=0.9, n_harmful=100, n_task=872),
-        make_results(model="sft", judge="keyword_refusal", task="sst2", harmful_score=0.455,
-                     n_harmful=100),
+def test_markdown_table_pads_every_column_to_its_widest_cell():
+    text = markdown_table(["model", "HS (%)"], [["base", 10.0], ["attacked + lisa", "-"]])
+    assert text.splitlines() == [
+        "| model           | HS (%) |",
+        "|-----------------|--------|",
+        "| base            | 10.0   |",
+        "| attacked + lisa | -      |",
     ]
-    text = print_summary(rows)
-    assert capsys.readouterr().out.strip() == text
-    lines = text.splitlines()
-    assert len(lines) == 4
-    assert lines[0].startswith("| model") and "HS (%)" in lines[0] and "FA (%)" in lines[0]
-    assert set(lines[1]) <= {"|", "-"}
-    assert [c.strip() for c in lines[2].strip("|").split("|")] == [
-        "base", "sst2", "keyword_refusal", "10.0", "90.0", "100", "872"]
-    assert [c.strip() for c in lines[3].strip("|").split("|")][3:5] == ["45.5", "-"]
-    assert len({len(x) for x in lines}) == 1  # aligned columns
-    assert format_summary(rows[0]).count("\n") == 2
+    assert markdown_table(["a"], []) == "| a |\n|---|"
+
+
+def test_markdown_table_rejects_a_row_of_the_wrong_width():
+    with pytest.raises(ValueError, match="table row 1 has 1 cells for 2 columns"):
+        markdown_table(["a", "b"], [["1", "2"], ["3"]])
+
+
+def test_atomic_open_writes_bytes_in_binary_mode(tmp_path):
+    with atomic_open(tmp_path / "a.npz", "wb") as f:
+        np.savez(f, x=np.arange(3))
+    with np.load(tmp_path / "a.npz") as z:
+        np.testing.assert_array_equal(z["x"], np.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+
+
+def test_report_module_imports_without_jax():
+    """Scripts of the torch-only Python use atomic_open: the module must not pull in JAX."""
+    code = "import sys, hfjax.eval.report; sys.exit('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_atomically_written_files_get_the_umask_mode_not_0600(tmp_path):

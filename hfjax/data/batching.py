@@ -33,15 +33,14 @@ class Example(NamedTuple):
     labels: np.ndarray
 
 
-def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
-    """smallest * 2^k below `max_length`, then `max_length` itself (200 -> 32, 64, 128, 200)."""
-    if max_length < 1 or smallest < 1:
-        raise DataError(f"max_length and smallest must be positive, got {max_length}, {smallest}")
-    out, b = [], smallest
-    while b < max_length:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (max_length,)
+def length_buckets(max_length: int, multiple: int = 16) -> tuple[int, ...]:
+    """Batch lengths: the multiples of `multiple` below `max_length`, then `max_length` itself
+    (max_length 72, multiple 16 -> 16, 32, 48, 64, 72). A batch is padded to the smallest one
+    that holds its longest row: at most multiple - 1 padding tokens past it, and at most
+    ceil(max_length / multiple) shapes to compile."""
+    if max_length < 1 or multiple < 1:
+        raise DataError(f"max_length and multiple must be positive, got {max_length}, {multiple}")
+    return tuple(range(multiple, max_length, multiple)) + (max_length,)
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -149,7 +148,7 @@ class Batcher:
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index {process_index} not in [0, {process_count})")
         longest = max(len(ex.input_ids) for v in streams.values() for ex in v)
-        self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(longest)
+        self.buckets = tuple(sorted(buckets)) if buckets else length_buckets(longest)
         bucket_for(longest, self.buckets)  # fails early on a row longer than every bucket
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.process_index, self.process_count = process_index, process_count

@@ -28,10 +28,8 @@ from hfjax.eval.generate import left_pad
 from hfjax.eval.hf_classifier import HFSequenceClassifierJudge, TorchNotAvailableError
 from hfjax.eval.qa_format import BEAVERTAILS_PROMPT, check_pairs, qa_moderation_text
 from hfjax.models import hf_io
-from hfjax.models import params as params_lib
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
-from hfjax.models.safetensors_reader import Checkpoint, MissingWeightError, WeightShapeError
 
 __all__ = [
     "BEAVERTAILS_CATEGORIES",
@@ -172,45 +170,20 @@ def load_beaver_dam(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelCo
     """(cfg, params, labels) of a Llama sequence classifier in a local HF folder.
 
     The folder holds config.json (model_type llama, num_labels / id2label) and safetensors with
-    the backbone `model.*` and the head `score.weight` [C, D] (no bias). The head is put in
-    params["lm_head"] = score.weightᵀ [D, C] and cfg.tie_word_embeddings is False, so
-    `forward` returns per-position class logits [B, T, C].
+    the backbone `model.*` and the head `score.weight` [C, D] (no bias); `hf_io.load_hf` reads
+    it with num_labels = C (config's num_labels, else the size of id2label, else transformers'
+    default 2): params["lm_head"] = score.weightᵀ [D, C], so `forward` returns per-position
+    class logits [B, T, C]. labels[i] = id2label[i] (LABEL_i where absent).
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"moderation model folder {path} does not exist")
-    cfg = hf_io.read_config(path, dtype)  # FileNotFoundError / ModelConfigError name the file
+    hf_io.read_config(path, dtype)  # FileNotFoundError / ModelConfigError name the file
     raw = json.loads((path / hf_io.CONFIG_FILE).read_text())
-    # The backbone has no lm_head: map everything except it, then add the score head.
-    cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
-    ckpt = Checkpoint(path)
-    shapes = params_lib.param_shapes(cfg, jnp.dtype(dtype))
-    table = hf_io.weight_mappings(cfg)
-    params: dict = {}
-    for m in table:
-        shape = tuple(hf_io.tree_get(shapes, m.path).shape)
-        for name in m.hf_names(cfg.num_layers):
-            if name not in ckpt:
-                raise MissingWeightError(f"{ckpt.source} is missing backbone weight {name!r}")
-            want = m.hf_shape(shape)
-            if tuple(ckpt.shape(name)) != tuple(want):
-                raise WeightShapeError(f"weight {name!r} in {ckpt.source} has shape "
-                                       f"{list(ckpt.shape(name))}, expected {list(want)}")
-        hf_io.tree_set(params, m.path, jnp.asarray(hf_io.read_param(ckpt, m, shape, dtype)))
-    if "score.weight" not in ckpt:
-        raise MissingWeightError(f"{ckpt.source} has no classification head 'score.weight'")
-    head = np.asarray(ckpt.read("score.weight"))
-    if head.ndim != 2 or head.shape[1] != cfg.hidden_size:
-        raise WeightShapeError(f"score.weight in {ckpt.source} has shape {list(head.shape)}, "
-                               f"expected [num_labels, {cfg.hidden_size}]")
-    n = head.shape[0]
-    id2label = (raw or {}).get("id2label") or {}
-    labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n))
-    if raw and "num_labels" in raw and int(raw["num_labels"]) != n:
-        raise WeightShapeError(f"{path / hf_io.CONFIG_FILE} says num_labels={raw['num_labels']} "
-                               f"but score.weight has {n} rows")
-    params["lm_head"] = jnp.asarray(head.T, jnp.dtype(dtype))
-    return dataclasses.replace(cfg, tie_word_embeddings=False), params, labels
+    id2label = {str(k): str(v) for k, v in (raw.get("id2label") or {}).items()}
+    n = int(raw.get("num_labels") or len(id2label) or 2)
+    cfg, params = hf_io.load_hf(path, dtype, num_labels=n)
+    return cfg, params, tuple(id2label.get(str(i), f"LABEL_{i}") for i in range(n))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,8 +1,9 @@
-"""Evaluation outputs: generations JSONL, a results JSON and a printed summary table.
+"""Evaluation outputs: generations JSONL, a results JSON, markdown tables, atomic files.
 
 Files are written atomically: everything goes to a temporary file in the target's folder, which
 is flushed, fsynced and `os.replace`d over the target; on any error the temporary file is removed
-and an existing target is left untouched (never half-written).
+and an existing target is left untouched (never half-written). The module imports neither JAX
+nor torch, so scripts that run in a torch-only Python may use `atomic_open` too.
 """
 
 from __future__ import annotations
@@ -14,25 +15,24 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from hfjax.eval.judges import JudgeResult
+if TYPE_CHECKING:
+    from hfjax.eval.judges import JudgeResult
 
 __all__ = [
     "atomic_open",
-    "format_summary",
     "generation_records",
     "make_results",
-    "print_summary",
-    "read_jsonl",
+    "markdown_table",
     "write_generations",
     "write_results",
 ]
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -40,17 +40,17 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[str]]:
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temp file next to `path`; on clean exit it replaces `path`, on error it vanishes.
-    The file gets the mode a plain `open` would give it (0666 less the umask), not mkstemp's
-    0600."""
+    mode "w" writes UTF-8 text, "wb" bytes (e.g. for `np.savez`). The file gets the mode a plain
+    `open` would give it (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} for {path.name} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, 0o666 & ~current_umask())
     try:
-        with os.fdopen(fd, mode, encoding="utf-8") as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -118,12 +118,6 @@ def write_generations(path: str | os.PathLike, records: Iterable[Mapping]) -> in
     return n
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON Lines file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def make_results(*, model: str, judge: str, harmful_score: float | None = None,
                  finetune_accuracy: float | None = None, task: str | None = None,
                  n_harmful: int = 0, n_flagged: int | None = None, n_task: int = 0,
@@ -154,37 +148,18 @@ def write_results(path: str | os.PathLike, results: Mapping) -> None:
         f.write(text)
 
 
-def _cell(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    if pct:
-        return f"{100 * float(v):.1f}"
-    return str(v)
-
-
-def format_summary(results: Sequence[Mapping] | Mapping) -> str:
-    """A markdown table, one row per results record: model, task, judge, HS (%), FA (%), counts.
-    It also reads as plain text."""
-    rows = [results] if isinstance(results, Mapping) else list(results)
-    header = ["model", "task", "judge", "HS (%)", "FA (%)", "harmful n", "task n"]
-    body = []
-    for r in rows:
-        c = r.get("counts", {})
-        body.append([_cell(r.get("model")), _cell(r.get("task")), _cell(r.get("judge")),
-                     _cell(r.get("harmful_score"), True), _cell(r.get("finetune_accuracy"), True),
-                     _cell(c.get("harmful_prompts")), _cell(c.get("task_examples"))])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(header)]
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table (cells `str`-ed, columns padded to one width, so it also reads as plain
+    text): a header line, a separator line, one line per row."""
+    header = [str(h) for h in header]
+    body = [[str(c) for c in r] for r in rows]
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise ValueError(f"table row {i} has {len(r)} cells for {len(header)} columns")
+    widths = [max([len(h), *(len(r[i]) for r in body)]) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths, strict=True)) + " |"
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
-
-
-def print_summary(results: Sequence[Mapping] | Mapping) -> str:
-    """Print `format_summary(results)` and return it."""
-    text = format_summary(results)
-    print(text)
-    return text
+    return "\n".join([line(header), sep, *(line(r) for r in body)])

@@ -6,8 +6,10 @@ so kernels (and lm_head) are transposed, and per-layer tensors are stacked on a 
 
     params["layers"][proj]["kernel"][i] = HF["model.layers.{i}.<module>.<proj>.weight"]ᵀ
 
-`load_hf` reads tensor by tensor through memory maps; with a mesh, every device's shard is built
-by `jax.make_array_from_callback` and reads only its slice of the HF tensors.
+`load_hf` reads tensor by tensor through the `safetensors` library's slices; with a mesh, every
+device's shard is built by `jax.make_array_from_callback` and reads only its slice of the HF
+tensors. With `num_labels` it loads a transformers `*ForSequenceClassification` folder instead:
+the head `score.weight` [C, D] takes the place of lm_head (params["lm_head"] = score.weightᵀ).
 `save_hf` writes the inverse (names exactly as transformers expects), atomically.
 """
 
@@ -47,10 +49,12 @@ __all__ = [
     "WeightShapeError",
     "load_hf",
     "save_hf",
+    "to_host",
     "weight_mappings",
 ]
 
 CONFIG_FILE = "config.json"
+CLASSIFIER_HEAD = "score.weight"  # transformers' *ForSequenceClassification head [C, D]
 _SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")  # the tensor dtypes read and written
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -94,12 +98,13 @@ _MODULE_OF = {
 }
 
 
-def weight_mappings(cfg: ModelConfig) -> list[WeightMapping]:
+def weight_mappings(cfg: ModelConfig, *, classifier: bool = False) -> list[WeightMapping]:
     """The table hfjax path <-> HF tensor name for `cfg`, in HF's order.
 
     Norms: attn_norm <- input_layernorm; Llama/Mistral/Qwen2: mlp_norm <- post_attention_layernorm;
     Gemma 2: attn_post_norm <- post_attention_layernorm, mlp_norm <- pre_feedforward_layernorm,
-    mlp_post_norm <- post_feedforward_layernorm.
+    mlp_post_norm <- post_feedforward_layernorm. classifier: lm_head <- score.weightᵀ (a sequence
+    classifier's head, present whatever tie_word_embeddings says).
     """
     layer = "model.layers.{i}."
     if cfg.sandwich_norms:
@@ -119,7 +124,9 @@ def weight_mappings(cfg: ModelConfig) -> list[WeightMapping]:
         if cfg.qkv_bias and proj in ("q_proj", "k_proj", "v_proj"):
             table.append(WeightMapping(("layers", proj, "bias"), f"{hf}.bias"))
     table.append(WeightMapping(("final_norm",), "model.norm.weight"))
-    if not cfg.tie_word_embeddings:
+    if classifier:
+        table.append(WeightMapping(("lm_head",), CLASSIFIER_HEAD, transpose=True))
+    elif not cfg.tie_word_embeddings:
         table.append(WeightMapping(("lm_head",), "lm_head.weight", transpose=True))
     return table
 
@@ -176,9 +183,9 @@ def _check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, table, shapes) -> None
                 missing.append(name)
                 continue
             found = ckpt.shape(name)
-            if tuple(found) != want:
+            if found != want:
                 raise WeightShapeError(
-                    f"weight {name!r} in {ckpt.file_of(name).path} has shape {list(found)}, "
+                    f"weight {name!r} in {ckpt.path_of(name)} has shape {list(found)}, "
                     f"expected {list(want)} from {ckpt.folder / CONFIG_FILE}"
                 )
     if missing:
@@ -186,6 +193,8 @@ def _check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, table, shapes) -> None
         hint = ""
         if "lm_head.weight" in missing:
             hint = "; config.json says tie_word_embeddings is false, so lm_head.weight is needed"
+        if CLASSIFIER_HEAD in missing:
+            hint = f"; a sequence classifier's head is {CLASSIFIER_HEAD}"
         raise MissingWeightError(
             f"{ckpt.source} is missing weights {missing[:5]}{more}{hint}"
         )
@@ -222,7 +231,7 @@ def read_param(ckpt: Checkpoint, m: WeightMapping, shape: tuple[int, ...], dtype
         return t.T if m.transpose else t
 
     if not m.stacked:
-        return one(m.hf_name, index).astype(dtype)
+        return one(m.hf_name, index).astype(dtype, copy=False)
     layers = range(shape[0])[index[0]]
     out = None
     for j, i in enumerate(layers):
@@ -237,10 +246,16 @@ def read_param(ckpt: Checkpoint, m: WeightMapping, shape: tuple[int, ...], dtype
 
 
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-            rules: Mapping | None = None) -> tuple[ModelConfig, dict]:
+            rules: Mapping | None = None, *,
+            num_labels: int | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from an HF folder: config.json and model.safetensors or a sharded
     model.safetensors.index.json. Weights are cast to `dtype` (the config's dtype too): one of
     `config.DTYPES`, float64 with 64-bit JAX (`jax_enable_x64`).
+
+    num_labels: read a sequence classifier (transformers' *ForSequenceClassification) with that
+    many classes: the backbone as above and, instead of an LM head, `score.weight` [C, D] as
+    params["lm_head"] = score.weightᵀ [D, C], with cfg.tie_word_embeddings False, so `forward`
+    returns class logits [B, T, C].
 
     With `mesh`, each parameter is created sharded by `rules` (default `hfjax.sharding.RULES`)
     and every device reads only its slice of the file(s); otherwise plain arrays on the default
@@ -254,8 +269,14 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh 
         raise FileNotFoundError(f"HF model folder {path} does not exist")
     cfg = read_config(path, dtype)
     ckpt = Checkpoint(path)
+    if num_labels is not None:
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be positive, got {num_labels}")
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     shapes = params_lib.param_shapes(cfg, jnp.dtype(dtype))
-    table = weight_mappings(cfg)
+    if num_labels is not None:
+        shapes["lm_head"] = jax.ShapeDtypeStruct((cfg.hidden_size, num_labels), jnp.dtype(dtype))
+    table = weight_mappings(cfg, classifier=num_labels is not None)
     _check_checkpoint(ckpt, cfg, table, shapes)
 
     shardings = None
@@ -310,7 +331,8 @@ def _check_params(cfg: ModelConfig, params: Mapping) -> None:
             )
 
 
-def _to_host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
+    """The whole array on this host; an all-gather when it spans several processes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -332,7 +354,7 @@ def _export_plan(cfg: ModelConfig, params: Mapping, dtype):
         name = m.hf_name.format(i=i) if m.stacked else m.hf_name
 
         def thunk():
-            t = _to_host(leaf[i] if m.stacked else leaf)
+            t = to_host(leaf[i] if m.stacked else leaf)
             t = t.T if m.transpose else t
             return np.ascontiguousarray(t.astype(out_dtype, copy=False))
 
@@ -360,6 +382,17 @@ def _group_shards(plan, shard_size_bytes: int | None):
     return shards
 
 
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """`safetensors.numpy.save_file` with PEFT/transformers' metadata, giving the file the mode
+    a plain `open` would (save_file creates it 0600 whatever the umask)."""
+    from safetensors.numpy import save_file
+
+    from hfjax.eval.report import current_umask
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping, dtype=None,
             shard_size_bytes: int | None = None) -> Path:
     """Write `params` as an HF folder transformers loads with `from_pretrained`.
@@ -374,8 +407,6 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping, dtype=No
     and weight files of an earlier save that the new one does not use are removed).
     In a multi-process run every process must call it (arrays are gathered); process 0 writes.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
@@ -395,7 +426,7 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping, dtype=No
         for fname, shard in zip(names, shards, strict=True):
             tensors = {name: thunk() for name, _, thunk in shard}
             if writer:
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                save_safetensors(tensors, tmp / fname)
             weight_map.update(dict.fromkeys(tensors, fname))
             del tensors
         if not writer:

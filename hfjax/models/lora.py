@@ -33,6 +33,7 @@ import safetensors.numpy
 
 from hfjax.errors import UserError
 from hfjax.models.config import ModelConfig, at_least_float32
+from hfjax.models.hf_io import save_safetensors, to_host
 from hfjax.models.params import PROJECTIONS, projection_dims
 
 
@@ -344,15 +345,6 @@ def peft_config(
     }
 
 
-def _to_host(x) -> np.ndarray:
-    """The whole array on this host; an all-gather when it spans several processes."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def save_peft(
     directory: str | os.PathLike,
     cfg: ModelConfig,
@@ -374,8 +366,8 @@ def save_peft(
     for name in PROJECTIONS:
         if name not in lora.weights:
             continue
-        a = _to_host(lora.weights[name]["A"])
-        b = _to_host(lora.weights[name]["B"])
+        a = to_host(lora.weights[name]["A"])
+        b = to_host(lora.weights[name]["B"])
         for layer in range(cfg.num_layers):
             tensors[peft_key(layer, name, "A")] = np.ascontiguousarray(a[layer].T)
             tensors[peft_key(layer, name, "B")] = np.ascontiguousarray(b[layer].T)
@@ -384,9 +376,7 @@ def save_peft(
     config_text = json.dumps(peft_config(cfg, lora, base_model_name_or_path), indent=2) + "\n"
 
     def write_into(folder: Path, suffix: str = "") -> None:
-        safetensors.numpy.save_file(
-            tensors, str(folder / (ADAPTER_WEIGHTS + suffix)), metadata={"format": "pt"}
-        )
+        save_safetensors(tensors, folder / (ADAPTER_WEIGHTS + suffix))
         (folder / (ADAPTER_CONFIG + suffix)).write_text(config_text)
 
     if directory.exists():

@@ -26,6 +26,7 @@ from hfjax import data as data_lib
 from hfjax.errors import UserError
 from hfjax.models import adapters
 from hfjax.pipeline import flags as flags_lib
+from hfjax.pipeline import portable
 from hfjax.pipeline.config import MODEL_NAMES, NONE, ConfigError, RunConfig, key_of
 from hfjax.pipeline.evaluation import Evaluator
 from hfjax.pipeline.lock import folder_lock
@@ -38,7 +39,7 @@ from hfjax.pipeline.run_folder import (
     write_json,
     write_manifest,
 )
-from hfjax.pipeline.training import Trainer
+from hfjax.pipeline.training import Trainer, describe
 from hfjax.train import state as state_lib
 
 STAGES = ("align", "finetune", "repair", "eval_base", "eval_aligned", "eval_final")
@@ -214,17 +215,20 @@ class Pipeline:
         if name == "align":
             summary = self.trainer.run_align(out)
             self._aligned = None
+            self.aligned_model_folder()
             return summary
         if name == "finetune":
             if self.rc.finetune.init == "continue":  # the alignment's adapter, further, on base
                 return self.trainer.run_finetune(out, params=self.base.params,
                                                  init=self.alignment_adapter())
-            return self.trainer.run_finetune(out, params=self.aligned_params())
+            return self.trainer.run_finetune(out, params=self.aligned_params(),
+                                             aligned=self.adapter_base())
         if name == "repair":
             tuned = self.trainer.load_adapter(self.stage("finetune").path,
                                               self.rc.finetune.train)
             return self.trainer.run_repair(out, tuned=tuned, aligned=self.aligned_params,
-                                           main_process=self.main_process)
+                                           main_process=self.main_process,
+                                           aligned_model=self.adapter_base())
         which = name.removeprefix("eval_")
         params, lora = self.model(which)
         return self.evaluator.run(out, name, params, lora, main_process=self.main_process)
@@ -274,6 +278,31 @@ class Pipeline:
             self._aligned = jax.device_put(merged, state_lib.params_shardings(base.cfg,
                                                                               self.mesh))
         return self._aligned
+
+    def aligned_model_folder(self) -> Path:
+        """The aligned model as an HF safetensors folder: the alignment adapter's folder for a
+        full fine-tune, else `align/aligned_model` (base + the merged LoRA), written once (also
+        for an alignment stage that finished before these folders were written)."""
+        sd = self.stage("align")
+        if adapters.get(self.rc.align.train.adapter.kind).full_finetune:
+            return sd.path / "adapter"
+        folder = sd.path / portable.ALIGNED_MODEL
+        if not (folder / "config.json").is_file():
+            portable.write_model(folder, self.base.cfg, self.aligned_params(),
+                                 self.base.tokenizer, portable.card(
+                                     portable.base_ref(self.rc.model.path, self.res.model_path()),
+                                     kind="full", stage="aligned model", about=(
+                                         "The base model with the alignment stage's adapter "
+                                         "merged into its weights (alignment defenses: "
+                                         f"{describe(self.rc.align.train.defenses)}).")))
+        return folder
+
+    def adapter_base(self) -> Path | None:
+        """The aligned model's folder when the fine-tuning adapter applies on top of the merged
+        alignment (None: it applies to the raw base)."""
+        if not self.rc.align.train.epochs or self.rc.finetune.init == "continue":
+            return None
+        return self.aligned_model_folder()
 
     def final_model(self) -> tuple[dict, Any]:
         """(params, LoRA or None) of the final model: the aligned weights with the repaired

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hfjax.eval.report import atomic_open
+from hfjax.eval.report import atomic_open, markdown_table
 from hfjax.pipeline.run_folder import read_json
 
 MODELS = ("base", "aligned", "final")
@@ -88,15 +88,6 @@ def long_rows(results: Sequence[Mapping]) -> list[dict]:
     return rows
 
 
-def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths,
-                                                                       strict=True)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
-
-
 def run_table(res: Mapping) -> str:
     """One run: a line per evaluated model (unaligned / aligned / attacked+defense)."""
     s = res["settings"]
@@ -104,7 +95,7 @@ def run_table(res: Mapping) -> str:
              _pct(r["finetune_accuracy"]), r["judge"], r["task"]] for r in res["rows"]]
     head = (f"defense {s['defense']}, p = {s['harmful_ratio']}, n = {s['num_samples']}, "
             f"lr = {s['lr']}, epochs = {s['epochs']}, seed = {s['seed']}\n\n")
-    return head + _markdown(["model", "HS (%)", "empty/degenerate (%)", "FA (%)", "judge",
+    return head + markdown_table(["model", "HS (%)", "empty/degenerate (%)", "FA (%)", "judge",
                              "task"], body)
 
 
@@ -116,7 +107,7 @@ def sweep_table(results: Sequence[Mapping]) -> str:
              str(r["epochs"]), str(r["seed"]), *(_pct(r[f"hs_{m}"]) for m in MODELS),
              _pct(r["degenerate_final"]), *(_pct(r[f"fa_{m}"]) for m in MODELS)]
             for r in wide_rows(results)]
-    return _markdown(header, body)
+    return markdown_table(header, body)
 
 
 def worst_case(results: Sequence[Mapping]) -> list[dict]:
@@ -145,7 +136,7 @@ def worst_case_table(results: Sequence[Mapping]) -> str:
              str(w["harmful_ratio"]),
              str(w["num_samples"]), f"{w['lr']:g}", str(w["epochs"]), str(w["seed"]),
              str(w["settings_tried"])] for w in worst_case(results)]
-    return _markdown(header, body)
+    return markdown_table(header, body)
 
 
 def plot_vs_ratio(results: Sequence[Mapping], path: str | os.PathLike) -> Path:

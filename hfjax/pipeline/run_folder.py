@@ -132,12 +132,7 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.link != self.path:
             self.link.parent.mkdir(parents=True, exist_ok=True)
-            if self.link.is_symlink() or self.link.exists():
-                if self.link.is_symlink():
-                    self.link.unlink()
-                else:
-                    shutil.rmtree(self.link)
-            os.symlink(self.path.absolute(), self.link)
+            link_relative(self.link, self.path)
         key_file = self.path / KEY
         if key_file.is_file():
             self.check_key(read_json(key_file))
@@ -160,14 +155,25 @@ class StageDir:
         """Point the run folder's entry at a cached stage folder that is already complete."""
         if self.link == self.path:
             return
-        if self.link.is_symlink() and os.readlink(self.link) == str(self.path.absolute()):
-            return
         self.link.parent.mkdir(parents=True, exist_ok=True)
-        if self.link.is_symlink():
-            self.link.unlink()
-        elif self.link.exists():
-            shutil.rmtree(self.link)
-        os.symlink(self.path.absolute(), self.link)
+        link_relative(self.link, self.path)
+
+
+def link_relative(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` by a relative path (it survives moving the folder
+    that holds both), replacing an earlier link or folder."""
+    link, target = Path(link), Path(target)
+    rel = os.path.relpath(target.absolute(), link.absolute().parent)
+    if link.is_symlink():
+        if os.readlink(link) == rel:
+            return
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(rel, tmp)
+    os.replace(tmp, link)
 
 
 def write_manifest(run_dir: Path, config: Mapping[str, Any], extra: Mapping[str, Any]) -> None:

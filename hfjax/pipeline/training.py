@@ -29,6 +29,7 @@ from hfjax import data as data_lib
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
 from hfjax.models import adapters
+from hfjax.pipeline import portable
 from hfjax.pipeline.config import ConfigError, TrainSettings
 from hfjax.pipeline.resources import DATA_DEFENSE_INPUTS, Resources, stream_kind
 from hfjax.pipeline.run_folder import write_json
@@ -97,6 +98,12 @@ def loss_token_census(records: Sequence[Mapping], examples: Sequence[data_lib.Ex
               f"({census['harmful_rows_without_loss_tokens']} harmful) keep no response token "
               f"after cutting to --max_length and train nothing", flush=True)
     return census
+
+
+def describe(choices: Sequence[DefenseChoice]) -> str:
+    """"vaccine(rho=2)+lisa" or "none": a stage's defenses, for adapter cards."""
+    return "+".join(c.name + (f"({', '.join(f'{k}={v}' for k, v in c.hparams.items())})"
+                              if c.hparams else "") for c in choices) or "none"
 
 
 def gradient_defenses(choices: Sequence[DefenseChoice]) -> list[DefenseChoice]:
@@ -171,7 +178,7 @@ class Trainer:
                 drop_last: bool = True):
         tok, d = self.res.base.tokenizer, self.rc.data
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        lengths = tuple(range(d.pad_multiple, d.max_length, d.pad_multiple)) + (d.max_length,)
+        lengths = data_lib.length_buckets(d.max_length, d.pad_multiple)
         return data_lib.Batcher(examples, batch_size, seed, buckets=lengths, pad_id=pad,
                                 num_epochs=num_epochs, drop_last=drop_last,
                                 process_index=jax.process_index(),
@@ -256,10 +263,27 @@ class Trainer:
         return st.trainable, summary
 
     # ------------------------------------------------------------ the stages
-    def save_adapter(self, out: Path, settings: TrainSettings, trainable) -> None:
-        # every process: saving all-gathers weights that span processes; process 0 writes
-        adapters.get(settings.adapter.kind).save(out / "adapter", self.res.base.cfg, trainable,
-                                                 base_model=self.res.model_path())
+    def save_adapter(self, out: Path, settings: TrainSettings, trainable, *, stage: str,
+                     aligned: Path | None = None) -> None:
+        """out/adapter: the adapter, the tokenizer and a card saying how to load it. `aligned`:
+        the aligned model's folder when the adapter was trained on top of it (then linked as
+        out/aligned_model and named as the adapter's base). Every process calls it: saving
+        all-gathers weights that span processes; process 0 writes."""
+        kind = adapters.get(settings.adapter.kind)
+        base = portable.base_ref(self.rc.model.path, self.res.model_path())
+        main = jax.process_index() == 0
+        if aligned is not None and not kind.full_finetune:
+            if main:
+                portable.link_relative(out / portable.ALIGNED_MODEL, aligned)
+            base = portable.aligned_ref(base, describe(self.rc.align.train.defenses))
+        folder = out / "adapter"
+        kind.save(folder, self.res.base.cfg, trainable, base_model=base.name)
+        if main:
+            portable.save_tokenizer(folder, self.res.base.tokenizer)
+            portable.write_card(folder, portable.card(
+                base, kind=kind.name, stage=stage,
+                about=f"Defenses at this stage: {describe(settings.defenses)}. Every setting "
+                      f"is in the stage folder's key.json."))
 
     def load_adapter(self, folder: Path, settings: TrainSettings):
         return adapters.get(settings.adapter.kind).load(folder / "adapter", self.res.base.cfg)
@@ -274,19 +298,20 @@ class Trainer:
                                          "alignment")
         trainable, summary = self.train(out, params=self.res.base.params, records=records,
                                         stream="align", settings=settings, salt=SALTS["align"])
-        self.save_adapter(out, settings, trainable)
+        self.save_adapter(out, settings, trainable, stage="alignment")
         return summary
 
-    def run_finetune(self, out: Path, *, params: dict, init=None) -> dict:
+    def run_finetune(self, out: Path, *, params: dict, init=None,
+                     aligned: Path | None = None) -> dict:
         settings = self.rc.finetune.train
         records = self.data_defenses(settings.defenses, self.user_records(), "finetune")
         trainable, summary = self.train(out, params=params, records=records, stream="user",
                                         settings=settings, salt=SALTS["finetune"], init=init)
-        self.save_adapter(out, settings, trainable)
+        self.save_adapter(out, settings, trainable, stage="fine-tuning", aligned=aligned)
         return summary
 
     def run_repair(self, out: Path, *, tuned, aligned: Callable[[], dict],
-                   main_process: bool) -> dict:
+                   main_process: bool, aligned_model: Path | None = None) -> dict:
         """The post-fine-tuning weight transforms `(cfg, params, lora, **inputs) -> lora` (or
         `(lora, report)`), in order; params are the aligned weights the adapter was trained
         on."""
@@ -307,7 +332,8 @@ class Trainer:
             reports[c.name] = {k: v for k, v in (report or {}).items()
                                if isinstance(v, int | float | str | bool | list | dict)
                                and k != "masks"}
-        self.save_adapter(out, settings, tuned)
+        self.save_adapter(out, settings, tuned, stage="post-fine-tuning repair",
+                          aligned=aligned_model)
         if main_process:
             write_json(out / "report.json", jax.tree.map(
                 lambda x: np.asarray(x).tolist() if hasattr(x, "shape") else x,
