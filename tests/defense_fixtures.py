@@ -60,6 +60,16 @@ def named_batches(seed: int) -> dict:
             "harmful": make_batch(300 + seed, length=14)}
 
 
+def pad_to_one_length(batches: dict, names) -> dict:
+    """The batches `names` right-padded to their longest length (token 0, mask 0, label −100),
+    as the pipeline pads paired batches; the others as they are."""
+    length = max((batches[n]["input_ids"].shape[1] for n in names), default=0)
+    pad = lambda k, v: np.pad(v, ((0, 0), (0, length - v.shape[1])),  # noqa: E731
+                              constant_values=-100 if k == "labels" else 0)
+    return {n: {k: pad(k, v) for k, v in b.items()} if n in names else b
+            for n, b in batches.items()}
+
+
 def loss_at(theta, batch, eps=None):
     """f(θ; batch) with ε added to the attention outputs when given."""
     return LOSS_FN(theta, batch, **({} if eps is None else {"perturb": eps}))[0]

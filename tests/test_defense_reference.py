@@ -158,8 +158,7 @@ def _jitted_step(tx):
     def run(frozen, theta, state, primary, batches, rng):
         loss_fn = make_loss_fn(cfg, frozen)
         grads = jax.grad(lambda p: loss_fn(p, primary)[0])(theta)
-        updates, _ = tx.update(grads, state, theta, loss_fn=loss_fn, batches=batches, rng=rng,
-                               cfg=cfg, frozen=frozen)
+        updates, _ = tx.update(grads, state, theta, loss_fn=loss_fn, batches=batches, rng=rng)
         return updates
 
     return run
@@ -253,14 +252,14 @@ def test_defended_update_direction_matches_the_official_trainer(case):
 
 
 def test_repnoise_replaying_the_fixtures_noise_gives_the_official_direction():
-    """RepNoise's noise passed as the extra arg `noise` (no rng): the official draw replayed."""
-    _, params, init, tensors = _setup()
+    """RepNoise's noise passed as the hint `noise` (no rng): the official draw replayed."""
+    cfg, params, init, tensors = _setup()
     tx = defenses.get("repnoise").build(**HP["repnoise"])
     batches = {k: v for k, v in _batches(_reference()).items() if k in ("align", "harmful")}
     noise = np.load(FIXTURES / "noise.npz")["repnoise"]
-    updates, _ = jax.jit(lambda t, b, n: tx.update(t, tx.init(t), t, batches=b, noise=n,
-                                                   cfg=_setup()[0], frozen=params))(
-        init, batches, noise)
+    loss_fn = make_loss_fn(cfg, params)
+    updates, _ = jax.jit(lambda t, b, n: tx.update(t, tx.init(t), t, loss_fn=loss_fn, batches=b,
+                                                   noise=n))(init, batches, noise)
     per_matrix, overall = rel_errors(to_peft(updates), _fixture("grad", "repnoise", tensors))
     assert max(per_matrix.values()) < MATRIX_RTOL and overall < OVERALL_RTOL
 

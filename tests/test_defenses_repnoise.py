@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from defense_fixtures import FAST, GEMMA_LIKE, build_run, count_passes, named_batches
+from defense_fixtures import (
+    FAST,
+    GEMMA_LIKE,
+    build_run,
+    count_passes,
+    named_batches,
+    pad_to_one_length,
+)
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hfjax import gaussian, sharding
@@ -26,7 +33,7 @@ from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
 from hfjax.train import state as state_lib
 from hfjax.train import step as step_lib
-from hfjax.train.loss import token_cross_entropy
+from hfjax.train.loss import head_cross_entropy, make_loss_fn, token_cross_entropy
 
 # the modules themselves: the packages re-export functions of the same names
 rn = importlib.import_module("hfjax.defenses.alignment.repnoise")
@@ -214,19 +221,30 @@ def test_mmd_computes_in_float32_for_bfloat16_and_in_float64_for_float64():
 
 
 @pytest.mark.parametrize("cfg", [CFG, GEMMA_LIKE], ids=["llama", "gemma2-like"])
-def test_logit_lens_of_the_last_residual_is_the_models_logits(cfg):
+@pytest.mark.parametrize("forward_mode_ad", [False, True], ids=["fused", "logits"])
+def test_oracle_lens_is_the_nll_of_hfs_hidden_states_through_norm_and_head(cfg, forward_mode_ad):
+    """loss_fn(θ, batch, capture=("mlp_out", "lens")): the NLL sums of W Norm(hs_l) over HF's
+    hidden states (s_0, ..., s_{L-1}, Norm(s_L)), from the pass that gives the unchanged loss."""
     params = params_lib.init_random(cfg, jax.random.key(3), std=0.1)
     b = BATCHES["harmful"]
+    loss_fn = make_loss_fn(cfg, None, full_finetune=True, forward_mode_ad=forward_mode_ad)
+    run = jax.jit(lambda p, capture: loss_fn(p, b, capture=capture), static_argnums=1)
+    loss, aux = run(params, ("mlp_out", "lens"))
+    assert sorted(aux["captured"]) == ["lens", "mlp_out"]
+    assert float(loss) == float(run(params, ())[0])
+    assert int(aux["vocab_size"]) == cfg.vocab_size
 
-    def run(p, ids, mask):
-        logits, cap = forward(cfg, p, ids, mask, capture=("residual",))
-        last = cap["residual"][-1]
-        return logits, last, rn.lens_logits(cfg, p, last)
-
-    logits, last, lens = jax.jit(run)(params, b["input_ids"], b["attention_mask"])
-    np.testing.assert_allclose(lens, logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np_lens(cfg, params, np.asarray(last)), logits, rtol=1e-4,
-                               atol=1e-4)
+    _, cap = forward(cfg, params, b["input_ids"], b["attention_mask"],
+                     capture=("mlp_out", "residual"))
+    np.testing.assert_allclose(aux["captured"]["mlp_out"], cap["mlp_out"], rtol=1e-6)
+    residual = [np.asarray(x, np.float64) for x in cap["residual"]]
+    states = ([np_embed(cfg, params, b["input_ids"])] + residual[:-1]
+              + [np_norm(cfg, params, residual[-1])])
+    tokens = int(np.sum(b["labels"][:, 1:] != -100))
+    want = [np_ce(np_norm(cfg, params, h) @ np_head(cfg, params), b["labels"]) * tokens
+            for h in states]
+    assert len(want) == cfg.num_layers + 1
+    np.testing.assert_allclose(aux["captured"]["lens"], want, rtol=2e-5)
 
 
 def test_official_targets_by_hand():
@@ -246,14 +264,16 @@ def test_official_targets_by_hand():
     assert (int(uniform), int(tokens)) == (2, 4)
 
 
-def test_masked_ce_equals_the_authors_masked_token_ce_loss_by_hand():
+def test_official_ce_equals_the_authors_masked_token_ce_loss_by_hand():
     r = np.random.default_rng(3)
     hidden = r.normal(size=(2, 7, 16))
     head = r.normal(size=(16, 11))
     ids = np.array([[4, 5, 6, 7, 0, 3, 9], [4, 5, 1, 2, 10, 8, 0]])
     mask = np.array([[0, 1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0]], bool)
-    got = rn.masked_ce(jnp.asarray(hidden, jnp.float32), jnp.asarray(head, jnp.float32), False,
-                        None, rn.official_targets(ids, mask))[0]
+    targets = rn.official_targets(ids, mask)
+    loss_sum = head_cross_entropy(jnp.asarray(hidden, jnp.float32), jnp.asarray(head, jnp.float32),
+                                  targets[0])[1]["loss_sum"]
+    got = rn.official_ce(loss_sum, targets, head.shape[1])
     # by hand: the counted tokens (t ≥ 1, m_t, id ≠ 0) are row 0 t ∈ {1, 2, 5, 6} and row 1
     # t ∈ {2, 3, 4}; row 0 t = 1 and row 1 t = 2 follow an unmasked token (zero logits)
     logits = hidden @ head
@@ -400,11 +420,7 @@ def test_passes_in_the_jitted_train_step_are_the_declared_ones(variant, cost):
     """Official: the step's pass on "align" plus the whole objective here; labels: the step's
     pass plus one on the harmful batch. The registry declares the default's."""
     mesh, fn, st, frozen = build_run((1, 1, 1), "repnoise", variant=variant)
-    batches = named_batches(0)
-    length = batches["harmful"]["input_ids"].shape[1]
-    batches["align"] = {k: np.pad(v, ((0, 0), (0, length - v.shape[1])),
-                                  constant_values=-100 if k == "labels" else 0)
-                        for k, v in batches["align"].items()}
+    batches = pad_to_one_length(named_batches(0), ("align", "harmful"))
     jaxpr = jax.make_jaxpr(fn.fn)(st, frozen, step_lib.put_batches(batches, mesh))
     assert count_passes(jaxpr.jaxpr) == cost
     assert api.get("repnoise").cost == Cost(3, 3)
@@ -423,7 +439,7 @@ def test_repnoise_full_finetuning_on_merged_weights_equals_the_lora_loss(vg):
 def _transform_update(**hparams):
     tx = api.get("repnoise").build(**hparams)
     update = lambda g, s, t, b, k, f: tx.update(  # noqa: E731
-        g, s, t, batches=b, rng=k, cfg=CFG, frozen=f)
+        g, s, t, loss_fn=make_loss_fn(CFG, f), batches=b, rng=k)
     return tx, jax.jit(update, compiler_options=FAST), update
 
 
@@ -463,8 +479,8 @@ def test_repnoise_chains_with_adamw_in_a_plain_user_loop(vg, variant):
         ce = lambda t: token_cross_entropy(  # noqa: E731
             forward(CFG, frozen, align["input_ids"], align["attention_mask"], lora=t),
             align["labels"])[0]
-        u, state = opt.update(jax.grad(ce)(lora), state, lora, batches=batches, rng=rng,
-                              cfg=CFG, frozen=frozen)
+        u, state = opt.update(jax.grad(ce)(lora), state, lora,
+                              loss_fn=make_loss_fn(CFG, frozen), batches=batches, rng=rng)
         return optax.apply_updates(lora, u), state
 
     lora, state = LORA, opt.init(LORA)

@@ -2,6 +2,7 @@
 
     import optax, hfjax.defenses as defenses
     opt = optax.chain(defenses.vaccine(rho=2.0), optax.adamw(1e-3))     # any optax optimizer
+    u, s = opt.update(g, s, θ, loss_fn=loss_fn, batches=batches, rng=key)  # + optional Hints
     spec = defenses.get("lisa"); tx = spec.build(rho=1.0)               # by name, from flags
     step_kwargs = spec.step_options(rho=1.0).step_kwargs()              # -> make_train_step
 
@@ -22,12 +23,14 @@ from hfjax.defenses.alignment import (
 from hfjax.defenses.api import (
     ALIGN,
     HARMFUL,
+    HINTS,
     LEVELS,
     STAGES,
     USER,
     Cost,
     DefenseError,
     DefenseSpec,
+    Hints,
     StepOptions,
     available,
     get,
@@ -45,10 +48,10 @@ from hfjax.defenses.finetune import (
 from hfjax.defenses.post import antidote, safelora
 
 __all__ = [
-    "ALIGN", "HARMFUL", "LEVELS", "STAGES", "USER", "Cost", "DefenseError", "DefenseSpec",
-    "LisaState", "StepOptions", "antidote", "available", "booster", "booster_perturb_aware",
-    "get",
-    "harmful_perturbation_gap", "repnoise", "repnoise_loss", "safelora",
-    "in_alignment", "lisa", "phase_index", "random_perturbation", "random_vaccine", "register",
-    "safe_instr", "safe_instr_mix", "step_options", "vaccine", "vaccine_perturbation",
+    "ALIGN", "HARMFUL", "HINTS", "LEVELS", "STAGES", "USER", "Cost", "DefenseError",
+    "DefenseSpec", "Hints", "LisaState", "StepOptions", "antidote", "available", "booster",
+    "booster_perturb_aware", "get", "harmful_perturbation_gap", "in_alignment", "lisa",
+    "phase_index", "random_perturbation", "random_vaccine", "register", "repnoise",
+    "repnoise_loss", "safe_instr", "safe_instr_mix", "safelora", "step_options", "vaccine",
+    "vaccine_perturbation",
 ]

@@ -2,12 +2,24 @@
 
 A defense acts at one of three levels:
   data      `records -> records` before tokenization (safety-data mixing, BEA triggers);
-  gradient  an optax `GradientTransformationExtraArgs` chained before the optimizer; its
-            `update(g, state, θ, *, loss_fn, batches, rng, **extra)` may call the gradient
-            oracle `loss_fn(θ, batch, **forward_kw) -> (loss, aux)` on any named batch;
+  gradient  an optax `GradientTransformationExtraArgs` chained before the optimizer;
   weights   `(cfg, params, lora, **inputs) -> lora` applied after training (SafeLoRA, Antidote).
 Every defense declares its cost per step in forward/backward passes (including the step's own
 gradient of the primary batch) and the named batches it reads; a test counts the passes.
+
+The gradient contract. Every gradient defense's update is
+
+    update(updates, state, params, *, loss_fn, batches, rng, **hints) -> (updates, state)
+
+and reads nothing else: `params` θ; the gradient oracle
+`loss_fn(θ, batch, *, perturb=None, capture=()) -> (loss, aux)` (`hfjax.train.loss.make_loss_fn`:
+`perturb` [L, B, T, D] is added to the attention outputs, `capture` names come back in
+aux["captured"], activations and the logit lens, from the same forward pass); `batches`, the
+named batches of this step; `rng`, a fresh key per step; and the optional `Hints`, results the
+train step computed anyway. A hint only saves passes: without it the defense computes the same
+thing from the oracle, so a plain optax loop gives hfjax's step's update. Model config and base
+weights never reach a defense; whatever it needs of them, the oracle computes. A missing
+argument, batch, capture or a bad hyper-parameter raises `DefenseError` saying what is missing.
 
 The binaries select a defense by name and pass its hyper-parameters as flags:
 
@@ -17,10 +29,9 @@ The binaries select a defense by name and pass its hyper-parameters as flags:
 
 `StepOptions` is what a gradient defense asks of hfjax's train step so that its declared cost is
 what runs: which batch the step differentiates (`primary`, or one per phase), whether the same
-backward also returns ∂L/∂a_l (`activation_grads`), and a perturbation for the step's own
-forward pass (`primary_perturb`). The transform receives what the step did as extra args
-(`perturb_grads`, `perturbation`) and computes the rest itself, so in a plain user loop (where
-neither is passed) it is still exact, only dearer.
+backward also returns ∂L/∂a_l (`activation_grads`, handed on as the hint `perturb_grads`), and
+a perturbation for the step's own forward pass (`primary_perturb`, handed on as the hint
+`perturbation`).
 
 Cost unit: one forward (F) or backward (B) pass of the model over one batch, as counted in the
 jitted step's jaxpr (forward and reversed layer scans). A loss summing two batches' losses
@@ -34,8 +45,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
+
+import jax
 
 from hfjax.errors import UserError
 
@@ -45,7 +58,60 @@ USER, ALIGN, HARMFUL = "user", "align", "harmful"
 
 
 class DefenseError(UserError, ValueError):
-    """An unknown defense or a bad hyper-parameter."""
+    """An unknown defense, a bad hyper-parameter, or an update missing what it reads."""
+
+
+class Hints(TypedDict, total=False):
+    """The hint vocabulary: keyword arguments of a gradient defense's `update` that hfjax's train
+    step hands over because it computed them anyway. All optional.
+
+    perturb_grads: G_l = ∂L/∂a_l [L, B, T, D] at a zero perturbation, from the step's own
+      backward on the primary batch (`StepOptions.activation_grads`; Vaccine's first pass).
+    perturbation: ε [L, B, T, D] that the step added to a_l in its own forward pass
+      (`StepOptions.primary_perturb`, drawn from the step's `rng`); the incoming gradient is then
+      the gradient at a + ε (random Vaccine's pass).
+    dropout_rng: the key of the step's LoRA dropout masks; the oracle the step passes already
+      applies it (informational).
+    noise: RepNoise's Gaussian ε_l [L, B, T, D], used as given instead of drawn from `rng`
+      (to replay a draw).
+    """
+
+    perturb_grads: jax.Array
+    perturbation: jax.Array
+    dropout_rng: jax.Array
+    noise: jax.Array
+
+
+HINTS = tuple(Hints.__annotations__)
+"""The hint names, in `Hints`' order."""
+
+UPDATE_CALL = "opt.update(g, state, θ, loss_fn=..., batches=..., rng=...)"
+
+
+def check_update(defense: str, params, loss_fn: Callable | None, batches: dict | None,
+                 names: Sequence[str] = ()) -> None:
+    """Raise one `DefenseError` listing what `defense`'s update lacks of what it reads: θ, the
+    oracle `loss_fn`, `batches` and the batch `names` in them."""
+    missing = [what for what, absent in (("params θ", params is None),
+                                         ("the extra arg loss_fn", loss_fn is None),
+                                         ("the extra arg batches", batches is None)) if absent]
+    missing += [f"a {n!r} batch" for n in names if batches is not None and n not in batches]
+    if missing:
+        got = "" if batches is None else f" (got batches {sorted(batches)})"
+        raise DefenseError(f"{defense} needs {', '.join(missing)}{got}: {UPDATE_CALL}")
+
+
+def captures(aux: dict, names: Sequence[str], defense: str) -> dict:
+    """{name: aux["captured"][name]} of an oracle call with `capture=names`, or a `DefenseError`
+    naming the captures the oracle did not return."""
+    got = aux.get("captured", {})
+    missing = [n for n in names if n not in got]
+    if missing:
+        raise DefenseError(
+            f"{defense} reads the captures {missing} of loss_fn(θ, batch, capture="
+            f"{tuple(names)}) from aux['captured'], but the oracle returned {sorted(got)}; "
+            "hfjax.train.loss.make_loss_fn's oracle returns them")
+    return {n: got[n] for n in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +133,9 @@ class StepOptions:
       `primary_phase(opt_state) -> index` (a select of same-shaped batches, else one
       `lax.switch` branch: still 1F+1B).
     activation_grads: the step's backward also returns G_l = ∂L/∂a_l (w.r.t. a zero
-      perturbation) and passes them as the extra arg `perturb_grads`.
+      perturbation) and passes them as the hint `perturb_grads`.
     primary_perturb: `(rng, [L, B, T, D]) -> ε` added to a_l in the step's own forward pass;
-      ε is passed on as the extra arg `perturbation`.
+      ε is passed on as the hint `perturbation`.
     batch_sizes: rows per batch of named extra streams where the method fixes them (SafeInstr's
       alignment batch of 4); other streams take the run's batch size. Not a step keyword.
     paired: batch names that come from one record list row by row, padded to one length (RepNoise:

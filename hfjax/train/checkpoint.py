@@ -1,8 +1,8 @@
 """Train-state checkpoints with orbax `CheckpointManager`, verified by checksums.
 
-Each checkpoint holds the TrainState (step, trainable, optimizer state, rng, defense slot) and a
-JSON item with what the data pipeline needs to resume (the step it continues from). Restoring
-into the abstract state with its shardings puts every array back where the step expects it.
+Each checkpoint holds the TrainState (step, trainable, optimizer state, rng) and a JSON item
+with what the data pipeline needs to resume (the step it continues from). Restoring into the
+abstract state with its shardings puts every array back where the step expects it.
 
 Orbax and tensorstore keep no checksums of the array data, so a step folder whose bytes changed
 on disk would restore silently. hfjax therefore writes `STEP/hfjax_checksums.json` (sha256 and

@@ -17,7 +17,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig, at_least_float32
-from hfjax.models.decoder import head_matmul, stored_head
+from hfjax.models.decoder import CAPTURE_NAMES, head_matmul, rms_norm, stored_head
 
 IGNORE_INDEX = -100
 
@@ -232,14 +232,53 @@ def _fused_head_nll_bwd(form, chunk, residuals, cotangents):
 _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
 
 
+LOSS_CAPTURES = ("lens",)
+"""Captures the oracle of `make_loss_fn` computes beyond `forward`'s (`CAPTURE_NAMES`), from the
+same forward pass:
+lens: the logit lens of HF's hidden states hs = (s_0, …, s_{L−1}, Norm(s_L)) (`hidden_states`):
+  [L + 1] sums over the batch's loss tokens of −log softmax(W Norm(hs_l))[y], no softcap (HF's
+  `lm_head(norm(hs))`; the last state, already normed, is normed again)."""
+
+
+def hidden_states(cfg: ModelConfig, params: dict, input_ids: jax.Array,
+                  residual: jax.Array) -> jax.Array:
+    """HF's `output_hidden_states` [L + 1, B, T, D] from `forward`'s residual captures
+    [L, B, T, D]: s_0 (the token embeddings, Gemma's scaled), s_1 … s_{L−1}, Norm(s_L)."""
+    embed = params["embed_tokens"][input_ids].astype(residual.dtype)
+    if cfg.scale_embeddings:
+        embed = embed * jnp.asarray(cfg.hidden_size**0.5, residual.dtype)
+    last = rms_norm(residual[-1], params["final_norm"], cfg)
+    return jnp.concatenate([embed[None], residual[:-1], last[None]])
+
+
+def lens_loss_sums(cfg: ModelConfig, params: dict, states: jax.Array, labels: jax.Array, *,
+                   forward_mode_ad: bool = False) -> jax.Array:
+    """[S] sums over the loss tokens of −log softmax(W Norm(h))[y] for each state h of states
+    [S, B, T, D], no softcap. One state at a time (`lax.map`) through `head_cross_entropy`,
+    which never holds a state's [B, T, V] logits (through the logits and
+    `token_cross_entropy` with forward_mode_ad)."""
+    w, vocab_major = stored_head(cfg, params)
+
+    def one(h):
+        h = rms_norm(h, params["final_norm"], cfg)
+        if forward_mode_ad:
+            return token_cross_entropy(head_matmul(h, w, vocab_major), labels)[1]["loss_sum"]
+        return head_cross_entropy(h, w, labels, vocab_major=vocab_major)[1]["loss_sum"]
+
+    return jax.lax.map(one, states)
+
+
 def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool = False,
                  forward_mode_ad: bool = False) -> Callable:
-    """`loss_fn(trainable, batch, **forward_kw) -> (loss, aux)` closing over the frozen base.
+    """The gradient oracle `loss_fn(trainable, batch, *, capture=(), **forward_kw) -> (loss, aux)`
+    closing over the frozen base.
 
     LoRA mode: trainable is a `LoRA`, the base `frozen` params are fixed.
     Full fine-tuning: trainable is the whole params pytree and `frozen` is unused.
-    Extra keyword arguments (`perturb`, `capture`, `dropout_rng`) go to `forward`; captured
-    activations are returned in aux["captured"].
+    aux: tokens, accuracy, loss_sum (see `token_cross_entropy`) and vocab_size V (the classes
+    of the CE, int32). capture: names from `forward`'s CAPTURE_NAMES (activations [L, ...]) and
+    LOSS_CAPTURES (the logit lens), returned in aux["captured"], all from the one forward pass.
+    Other keyword arguments (`perturb`, `dropout_rng`) go to `forward`.
     forward_mode_ad: False (default): the CE through the fused `head_cross_entropy` and the
     LoRA branches through their custom VJP (`models.lora.branch`), both reverse mode only.
     True: the logits and `token_cross_entropy`, and plain autodiff through the LoRA branches
@@ -247,20 +286,33 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
     Hessian-vector products with `jax.jvp`.
     """
 
-    def loss_fn(trainable, batch: dict, **forward_kw):
+    def loss_fn(trainable, batch: dict, *, capture=(), **forward_kw):
+        capture = tuple(capture)
+        unknown = set(capture) - set(CAPTURE_NAMES) - set(LOSS_CAPTURES)
+        if unknown:
+            raise ValueError(f"unknown capture names {sorted(unknown)}; choose from "
+                             f"{CAPTURE_NAMES + LOSS_CAPTURES}")
         params, lora = (trainable, None) if full_finetune else (frozen, trainable)
+        from_model = tuple(n for n in capture if n in CAPTURE_NAMES)
+        if "lens" in capture and "residual" not in from_model:
+            from_model += ("residual",)
         out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora,
                       apply_head=forward_mode_ad, forward_mode_ad=forward_mode_ad,
-                      **forward_kw)
-        out, captured = out if forward_kw.get("capture") else (out, None)
+                      capture=from_model, **forward_kw)
+        out, captured = out if from_model else (out, {})
+        w, vocab_major = stored_head(cfg, params)
         if not forward_mode_ad:
-            w, vocab_major = stored_head(cfg, params)
             loss, aux = head_cross_entropy(out, w, batch["labels"], vocab_major=vocab_major,
                                            softcap=cfg.final_logit_softcap)
         else:
             loss, aux = token_cross_entropy(out, batch["labels"])
-        if captured is not None:
-            aux["captured"] = captured
+        aux["vocab_size"] = jnp.asarray(w.shape[0 if vocab_major else 1], jnp.int32)
+        if "lens" in capture:
+            states = hidden_states(cfg, params, batch["input_ids"], captured["residual"])
+            captured = {**captured, "lens": lens_loss_sums(cfg, params, states, batch["labels"],
+                                                           forward_mode_ad=forward_mode_ad)}
+        if capture:
+            aux["captured"] = {n: captured[n] for n in capture}
         return loss, aux
 
     return loss_fn

@@ -1,8 +1,8 @@
 """The train state pytree and its shardings.
 
-TrainState = (step, trainable, opt_state, rng, defense). `trainable` is a `LoRA` (default) or the
-whole params pytree (full fine-tuning); `defense` is a free slot for state a defense keeps outside
-its optax transformation. Optimizer-state leaves that mirror a parameter (Adam's μ, ν) get that
+TrainState = (step, trainable, opt_state, rng). `trainable` is a `LoRA` (default) or the whole
+params pytree (full fine-tuning); a defense keeps its state in its optax transformation's state
+(inside opt_state). Optimizer-state leaves that mirror a parameter (Adam's μ, ν) get that
 parameter's sharding, so full fine-tuning shards the optimizer state like the weights (FSDP).
 """
 
@@ -27,18 +27,14 @@ class TrainState:
     trainable: Any
     opt_state: Any
     rng: jax.Array
-    defense: Any = None
 
 
-def create(
-    trainable, optimizer: optax.GradientTransformation, seed: int, defense=None
-) -> TrainState:
+def create(trainable, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
         opt_state=optimizer.init(trainable),
         rng=jax.random.PRNGKey(seed),
-        defense=defense,
     )
 
 
@@ -86,7 +82,6 @@ def state_shardings(state_shape: TrainState, mesh: Mesh, trainable_shardings) ->
         trainable=trainable_shardings,
         opt_state=opt,
         rng=rep,
-        defense=jax.tree.map(lambda _: rep, state_shape.defense),
     )
 
 

@@ -2,19 +2,22 @@
 
     (L, aux), g = value_and_grad(loss_fn)(θ, batches[primary])
     u, opt_state = optimizer.update(g, opt_state, θ, loss_fn=loss_fn, batches=batches, rng=r,
-                                    cfg=cfg, frozen=frozen)
+                                    **hints)
     θ ← θ + u
 
 `batches` is a dict of named batches ("user", and e.g. "harmful" / "align" for defenses). The
-optimizer receives the gradient oracle `loss_fn(θ, batch, **forward_kw)` and all batches as extra
-args, so a defense chained before AdamW can evaluate losses at perturbed weights or activations
-and on other batches. Frozen base weights are an argument (never a jit constant); the state is
-donated; every input and output has a sharding.
+optimizer receives what `hfjax.defenses.api` calls the gradient contract: the oracle
+`loss_fn = make_loss_fn(cfg, frozen)` (`loss_fn(θ, batch, *, perturb, capture, ...)`), all
+batches, the key r, and the `hfjax.defenses.Hints` the step computed anyway (`perturb_grads`,
+`perturbation`, `dropout_rng`); nothing else. A defense chained before AdamW evaluates losses at
+perturbed weights or activations and on other batches through the oracle. Frozen base weights
+are an argument (never a jit constant); the state is donated; every input and output has a
+sharding.
 
 Keys: (next state.rng, r) = split(state.rng); with LoRA dropout (a `LoRA` trainable whose
 dropout p > 0) also d = fold_in(state.rng, 2): every pass of the step, the oracle's included,
 runs with `forward(..., dropout_rng=d)` (one set of masks per step and batch shape), and d goes
-to the optimizer as the extra arg `dropout_rng`. With p = 0 the step traces no dropout op and no
+to the optimizer as the hint `dropout_rng`. With p = 0 the step traces no dropout op and no
 third key.
 
 Defense options (keyword-only, all off by default; `hfjax.defenses.StepOptions` sets them) change
@@ -67,12 +70,12 @@ def primary_gradient(
     activation_grads: bool = False,
     primary_perturb: Callable | None = None,
 ) -> tuple[jax.Array, dict, object, dict]:
-    """The step's one forward + backward: (loss, aux, ∇θ, extra args for the optimizer).
+    """The step's one forward + backward: (loss, aux, ∇θ, hints for the optimizer).
 
         L(θ, ε) = ℓ(θ; primary batch, a_l + ε_l)
 
-    ε = primary_perturb(rng, [L, B, T, D]) if given (passed on as `perturbation`), else none.
-    With activation_grads the same backward returns G = ∂L/∂ε, passed on as `perturb_grads`.
+    ε = primary_perturb(rng, [L, B, T, D]) if given (the hint `perturbation`), else none.
+    With activation_grads the same backward returns G = ∂L/∂ε (the hint `perturb_grads`).
     With a tuple `primary`, the batch is primary[primary_phase(opt_state)]: an elementwise
     select when the batches have the same shapes, else a `lax.switch` (one branch runs).
     """
@@ -86,13 +89,13 @@ def primary_gradient(
     def objective(theta, eps, batch):
         return loss_fn(theta, batch, **({} if eps is None else {"perturb": eps}))
 
-    extra: dict = {}
+    hints: dict = {}
     if len(names) > 1 and _same_structure([batches[n] for n in names]):
         # one forward + backward on the selected batch: selecting the (small) id arrays costs
         # nothing, where a `lax.switch` over two value_and_grads cost Lisa ~12% of the step
         batch = select_batch(primary_phase(opt_state), [batches[n] for n in names])
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable, None, batch)
-        return loss, aux, grads, extra
+        return loss, aux, grads, hints
     if len(names) > 1:
         def branch(name):
             def run():
@@ -102,20 +105,20 @@ def primary_gradient(
             return run
 
         loss, aux, grads = jax.lax.switch(primary_phase(opt_state), [branch(n) for n in names])
-        return loss, aux, grads, extra
+        return loss, aux, grads, hints
 
     batch = batches[names[0]]
     shape = (cfg.num_layers, *batch["input_ids"].shape, cfg.hidden_size)
     eps = None
     if primary_perturb is not None:
-        eps = extra["perturbation"] = primary_perturb(rng, shape)
+        eps = hints["perturbation"] = primary_perturb(rng, shape)
     if activation_grads:
         eps = jnp.zeros(shape, at_least_float32(cfg.dtype)) if eps is None else eps
-        (loss, aux), (grads, extra["perturb_grads"]) = jax.value_and_grad(
+        (loss, aux), (grads, hints["perturb_grads"]) = jax.value_and_grad(
             objective, argnums=(0, 1), has_aux=True)(trainable, eps, batch)
     else:
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable, eps, batch)
-    return loss, aux, grads, extra
+    return loss, aux, grads, hints
 
 
 def _same_structure(batches: list[dict]) -> bool:
@@ -168,11 +171,11 @@ def make_train_step(
         if isinstance(state.trainable, LoRA) and state.trainable.dropout:
             dropout_kw["dropout_rng"] = jax.random.fold_in(state.rng, 2)
             loss_fn = functools.partial(loss_fn, **dropout_kw)
-        loss, aux, grads, extra = primary_gradient(cfg, loss_fn, state.trainable, state.opt_state,
+        loss, aux, grads, hints = primary_gradient(cfg, loss_fn, state.trainable, state.opt_state,
                                                    batches, sub, **defense_options)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable,
                                               loss_fn=loss_fn, batches=batches, rng=sub,
-                                              cfg=cfg, frozen=frozen, **extra, **dropout_kw)
+                                              **hints, **dropout_kw)
         trainable = optax.apply_updates(state.trainable, updates)
         grad_norm = optax.tree.norm(grads)
         metrics = {

@@ -20,10 +20,21 @@ The paper's perturbation-aware variant (step 4 done Vaccine-style) is
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import jax
 import optax
 
-from hfjax.defenses.api import ALIGN, HARMFUL, Cost, DefenseError, StepOptions, register
+from hfjax.defenses.api import (
+    ALIGN,
+    HARMFUL,
+    Cost,
+    DefenseError,
+    Hints,
+    StepOptions,
+    check_update,
+    register,
+)
 
 PAPER = ("Huang, Hu, Ilhan, Tekin, Liu. Booster: Tackling Harmful Fine-tuning for Large "
          "Language Models via Attenuating Harmful Perturbation. ICLR 2025, arXiv:2409.01586")
@@ -46,17 +57,15 @@ def _options(lam: float, alpha: float) -> StepOptions:
 def booster(lam: float = 5.0, alpha: float = 0.1) -> optax.GradientTransformationExtraArgs:
     """g_f + λ (∇h(θ) − ∇h(θ − α ∇h/‖∇h‖)) on the "harmful" batch (see the module doc).
 
-    Extra args: loss_fn and batches (reads "harmful"); the incoming gradient is g_f.
+    Reads loss_fn and batches["harmful"]; the incoming gradient is g_f.
     """
     if not alpha >= 0 or not lam >= 0:
         raise DefenseError(f"Booster needs lam >= 0 and alpha >= 0, got lam={lam}, alpha={alpha}")
 
-    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, **extra):
-        del extra
-        if params is None or loss_fn is None or batches is None or HARMFUL not in batches:
-            raise DefenseError("booster needs params and the extra args loss_fn and batches with "
-                               f"a {HARMFUL!r} batch: opt.update(g, s, θ, loss_fn=..., "
-                               "batches=...)")
+    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, rng=None,
+                  **hints: Unpack[Hints]):
+        del rng, hints
+        check_update("booster", params, loss_fn, batches, (HARMFUL,))
         g_h, g_h_shifted = harmful_perturbation_gap(loss_fn, params, batches[HARMFUL], alpha)
         updates = jax.tree.map(lambda g, a, b: g + lam * (a - b), updates, g_h, g_h_shifted)
         return updates, state

@@ -34,7 +34,8 @@ the model's own CE plus HF's L + 1 `hidden_states` lenses, the last of which is 
 
 variant="labels": the mask and the CEs from the batches' labels (what hfjax trained before):
 m = the response tokens of x_h (labels ≠ −100), CE the plain response-token CE, and
-R_lens = (1/(L+1)) Σ_{l=0..L} CE(softcap(W Norm(s_l)), x_h).
+R_lens = (1/(L+1)) (Σ_{l<L} CE(W Norm(s_l), x_h) + CE(x_h)), the model's own CE (softcapped
+logits) for s_L and the official lens (no softcap) for the others.
 
 Batches (hyper-parameter `pairing`): "paired" (default, the authors' data): x_h and x_s hold
 the same prompts in the same rows (harmful answer, refusal), padded to one length. "unpaired":
@@ -45,19 +46,22 @@ git-disl's port computes, except that it cuts or zero-pads the other batch to ea
 where hfjax pads both to the longer one.
 The official variant needs x_h and x_s of one shape (a DefenseError otherwise).
 
-Where the official variant still differs from the authors' code: Gemma 2's h_l is hfjax's
-`mlp_out` after the post-MLP norm (the authors hook the MLP module, before it); a batch with no
-counted token gives CE_m = 0 where PyTorch's mean gives NaN.
+Where the official variant still differs from the authors' code: a batch with no counted token
+gives CE_m = 0 where PyTorch's mean gives NaN.
 
+Everything comes from the gradient oracle `loss_fn(θ, batch, capture=("mlp_out", "lens"))`
+(`hfjax.train.loss.make_loss_fn`): the harmful batch's MLP outputs h_l and its logit-lens NLL
+sums over HF's hidden states come back from one forward pass, its loss is the model's CE, and
+the official CE_m is the oracle's NLL sum over `official_targets`' labels plus n_uniform · log V.
 Two ways to train with it:
 - `repnoise_loss(cfg, frozen, ...)` is the whole objective `(θ, batches, rng) -> (loss, aux)`:
   2 forwards (x_h with captures, x_s) and one backward sweep through both (2F+2B counted).
-- `repnoise(...)` (registered) is an optax `GradientTransformationExtraArgs`. Official: it
-  replaces the incoming gradient by ∇L (put it first in the chain); the step's own pass on
-  "align" gives only the metrics, so the train step costs 3F+3B. Labels: the step's gradient is
-  ∇CE(x_s) (primary batch "align") and the transform adds ∇[β R_mmd − α log(1 + R_lens)] on
-  x_h (2F+2B).
-Both take the noise as the extra arg / keyword `noise` ([L, B, T, D], replayed as given) or draw
+- `repnoise(...)` (registered) is an optax `GradientTransformationExtraArgs` that needs only the
+  oracle. Official: it replaces the incoming gradient by ∇L (put it first in the chain); the
+  step's own pass on "align" gives only the metrics, so the train step costs 3F+3B. Labels: the
+  step's gradient is ∇CE(x_s) (primary batch "align") and the transform adds
+  ∇[β R_mmd − α log(1 + R_lens)] on x_h (2F+2B).
+Both take the noise as the hint / keyword `noise` ([L, B, T, D], replayed as given) or draw
 ε = gaussian.standard_normal(rng, [L, B, T, D]). Everything is computed in
 max(model dtype, float32).
 """
@@ -65,18 +69,27 @@ max(model dtype, float32).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from hfjax import gaussian
-from hfjax.defenses.api import ALIGN, HARMFUL, Cost, DefenseError, StepOptions, register
-from hfjax.models import forward
+from hfjax.defenses.api import (
+    ALIGN,
+    HARMFUL,
+    Cost,
+    DefenseError,
+    Hints,
+    StepOptions,
+    captures,
+    check_update,
+    register,
+)
 from hfjax.models.config import ModelConfig, at_least_float32
-from hfjax.models.decoder import head_matmul, rms_norm, stored_head
 from hfjax.models.lora import LoRA
-from hfjax.train.loss import IGNORE_INDEX, head_cross_entropy
+from hfjax.train.loss import IGNORE_INDEX, make_loss_fn
 
 PAPER = ("Rosati et al. 2024, Representation Noising: A Defence Mechanism Against Harmful "
          "Finetuning, arXiv:2405.14577")
@@ -108,14 +121,6 @@ def mmd(x: jax.Array, y: jax.Array, kernel_mul: float = 2.0, kernel_num: int = 5
     return jnp.mean(k[:n, :n] + k[n:, n:] - k[:n, n:] - k[n:, :n])
 
 
-def lens_logits(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
-    """The logit lens of a residual state h [B, T, D]: softcap(Norm_final(h) @ W_out), float32."""
-    h = rms_norm(h, params["final_norm"], cfg)
-    logits = head_matmul(h, *stored_head(cfg, params))
-    cap = cfg.final_logit_softcap
-    return cap * jnp.tanh(logits / cap) if cap else logits
-
-
 def official_mask(harmful_ids: jax.Array, safe_ids: jax.Array) -> jax.Array:
     """m = [ids_h ≠ ids_s] (bool [B, T]), the authors' `~torch.eq(ids_h, ids_s)`."""
     if harmful_ids.shape != safe_ids.shape:
@@ -141,26 +146,15 @@ def official_targets(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Ar
     return labels, jnp.sum(counted & ~prev), jnp.sum(counted)
 
 
-def masked_ce(hidden: jax.Array, head: jax.Array, vocab_major: bool, softcap: float | None,
-              targets: tuple) -> tuple[jax.Array, dict]:
-    """The official CE_m of the logits softcap(hidden W) (module docstring), `targets` from
-    `official_targets`: (loss_sum over the labels + n_uniform · log V) / max(n_tokens, 1)."""
-    labels, n_uniform, n_tokens = targets
-    _, aux = head_cross_entropy(hidden, head, labels, vocab_major=vocab_major, softcap=softcap)
-    vocab = head.shape[0 if vocab_major else 1]
-    dtype = at_least_float32(hidden.dtype)
-    total = aux["loss_sum"].astype(dtype) + n_uniform.astype(dtype) * jnp.log(
-        jnp.asarray(vocab, dtype))
-    return total / jnp.maximum(n_tokens, 1).astype(dtype), {**aux, "tokens": n_tokens}
-
-
-def _model_inputs(trainable, frozen):
-    """(base params, LoRA or None): LoRA mode when trainable is a LoRA, else full fine-tuning."""
-    if isinstance(trainable, LoRA):
-        if frozen is None:
-            raise ValueError("RepNoise with a LoRA needs the frozen base params")
-        return frozen, trainable
-    return trainable, None
+def official_ce(loss_sum: jax.Array, targets: tuple, vocab_size) -> jax.Array:
+    """The official CE_m (module docstring) from the NLL sum over the labels of `targets`
+    (`official_targets`): (loss_sum + n_uniform · log V) / max(n_tokens, 1); loss_sum may be
+    [S] sums (the lens), computed in max(its dtype, float32)."""
+    _, n_uniform, n_tokens = targets
+    dtype = at_least_float32(jnp.result_type(loss_sum))
+    log_v = jnp.log(jnp.asarray(vocab_size, dtype))
+    return ((loss_sum.astype(dtype) + n_uniform.astype(dtype) * log_v)
+            / jnp.maximum(n_tokens, 1).astype(dtype))
 
 
 def _noise(noise: jax.Array | None, key: jax.Array | None, shape: tuple, dtype) -> jax.Array:
@@ -189,76 +183,60 @@ def _mmd_term(mlp_out: jax.Array, mask: jax.Array, noise: jax.Array | None,
     return jnp.mean(per_layer)
 
 
-def _embeddings(cfg: ModelConfig, params: dict, ids: jax.Array, dtype) -> jax.Array:
-    """s_0: the (Gemma: scaled) token embeddings, as `forward` computes them."""
-    embed = params["embed_tokens"][ids].astype(dtype)
-    if cfg.scale_embeddings:
-        embed = embed * jnp.asarray(cfg.hidden_size**0.5, dtype)
-    return embed
+HARMFUL_CAPTURES = ("mlp_out", "lens")
+"""What RepNoise asks of the oracle on the harmful batch (module docstring)."""
 
 
-def harmful_regularizer(cfg: ModelConfig, frozen: dict | None, trainable, batch: dict,
-                        key: jax.Array | None, *, alpha: float = 1.0, beta: float = 1e-3,
-                        kernel_mul: float = 2.0, kernel_num: int = 5,
-                        noise: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """variant="labels": β · R_mmd − α · log(1 + R_lens) on the harmful batch, one forward pass.
+def harmful_regularizer(loss_fn: Callable, theta, batch: dict, key: jax.Array | None, *,
+                        alpha: float = 1.0, beta: float = 1e-3, kernel_mul: float = 2.0,
+                        kernel_num: int = 5, noise: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict]:
+    """variant="labels": β · R_mmd − α · log(1 + R_lens) on the harmful batch, one oracle call.
 
-    m: the batch's response tokens (labels ≠ −100). The L + 1 lens CEs go one state at a time
-    (`lax.map`) through `head_cross_entropy`, which never keeps a state's [B, T, V] logits:
-    differentiated, each state costs 2 head matmuls of 2·B·T·D·V FLOPs (the logits and ∂s).
-    For small models with large vocabularies (SmolLM2: D 576, V 49152) the lens dominates.
-    Returns (value, aux) with aux {mmd, lens_ce, ce_harmful (the final-logit CE)}.
+    m: the batch's response tokens (labels ≠ −100). The lens NLL sums come from the oracle's
+    "lens" capture, which runs one state at a time through the fused head CE: differentiated,
+    each state costs 2 head matmuls of 2·B·T·D·V FLOPs. For small models with large
+    vocabularies (SmolLM2: D 576, V 49152) the lens dominates.
+    Returns (value, aux) with aux {mmd, lens_ce, ce_harmful (the model's CE)}.
     """
-    params, lora = _model_inputs(trainable, frozen)
-    ids, labels = batch["input_ids"], batch["labels"]
-    _, cap = forward(cfg, params, ids, batch["attention_mask"], lora=lora,
-                     capture=("mlp_out", "residual"), apply_head=False)
-    mmd_mean = _mmd_term(cap["mlp_out"], labels != IGNORE_INDEX, noise, key, kernel_mul,
-                         kernel_num)
-    residual = cap["residual"]
-    states = jnp.concatenate([_embeddings(cfg, params, ids, residual.dtype)[None], residual])
-    head, vocab_major = stored_head(cfg, params)
-    state_ce = lambda h: head_cross_entropy(  # noqa: E731
-        rms_norm(h, params["final_norm"], cfg), head, labels, vocab_major=vocab_major,
-        softcap=cfg.final_logit_softcap)[0]
-    ces = jax.lax.map(state_ce, states)  # the last is the model's CE
-    lens_ce = jnp.mean(ces)
+    ce_harmful, aux = loss_fn(theta, batch, capture=HARMFUL_CAPTURES)
+    cap = captures(aux, HARMFUL_CAPTURES, "repnoise")
+    mmd_mean = _mmd_term(cap["mlp_out"], batch["labels"] != IGNORE_INDEX, noise, key,
+                         kernel_mul, kernel_num)
+    lens = cap["lens"]
+    tokens = jnp.maximum(aux["tokens"], 1).astype(lens.dtype)
+    lens_ce = (jnp.sum(lens[:-1]) / tokens + ce_harmful) / lens.shape[0]
     value = beta * mmd_mean - alpha * jnp.log1p(lens_ce)
-    return value, {"mmd": mmd_mean, "lens_ce": lens_ce, "ce_harmful": ces[-1]}
+    return value, {"mmd": mmd_mean, "lens_ce": lens_ce, "ce_harmful": ce_harmful}
 
 
-def official_objective(cfg: ModelConfig, frozen: dict | None, trainable, harmful: dict,
-                       safe: dict, key: jax.Array | None, *, alpha: float = 1.0,
-                       beta: float = 1e-3, kernel_mul: float = 2.0, kernel_num: int = 5,
+def official_objective(loss_fn: Callable, theta, harmful: dict, safe: dict,
+                       key: jax.Array | None, *, alpha: float = 1.0, beta: float = 1e-3,
+                       kernel_mul: float = 2.0, kernel_num: int = 5,
                        noise: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """variant="official": the authors' whole `rep_noise_loss` (module docstring), 2 forwards.
+    """variant="official": the authors' whole `rep_noise_loss` (module docstring), two oracle
+    calls (x_h with its captures, x_s).
 
     Returns (L, aux) with aux {tokens, accuracy (of x_s's non-uniform tokens), loss_sum,
     ce_safe, ce_harmful, lens_ce (R_lens), mmd}.
     """
-    params, lora = _model_inputs(trainable, frozen)
-    ids_h, ids_s = harmful["input_ids"], safe["input_ids"]
-    m = official_mask(ids_h, ids_s)
-    last, cap = forward(cfg, params, ids_h, harmful["attention_mask"], lora=lora,
-                        capture=("mlp_out", "residual"), apply_head=False)
+    m = official_mask(harmful["input_ids"], safe["input_ids"])
+    targets_h = official_targets(harmful["input_ids"], m)
+    _, aux_h = loss_fn(theta, {**harmful, "labels": targets_h[0]}, capture=HARMFUL_CAPTURES)
+    cap = captures(aux_h, HARMFUL_CAPTURES, "repnoise")
     mmd_mean = _mmd_term(cap["mlp_out"], m, noise, key, kernel_mul, kernel_num)
+    ce_harmful = official_ce(aux_h["loss_sum"], targets_h, aux_h["vocab_size"])
+    # the model's CE and HF's L + 1 hidden-state lenses, over L + 1 (as the authors divide)
+    lens = official_ce(cap["lens"], targets_h, aux_h["vocab_size"])
+    lens_ce = (ce_harmful + jnp.sum(lens)) / lens.shape[0]
 
-    head, vocab_major = stored_head(cfg, params)
-    softcap = cfg.final_logit_softcap or None
-    targets_h = official_targets(ids_h, m)
-    ce_harmful = masked_ce(last, head, vocab_major, softcap, targets_h)[0]
-    # HF's hidden_states: s_0 .. s_{L-1}, then Norm(s_L) (= `last`); each lens norms again
-    states = jnp.concatenate([_embeddings(cfg, params, ids_h, last.dtype)[None],
-                              cap["residual"][:-1], last[None]])
-    lens = jax.lax.map(lambda h: masked_ce(rms_norm(h, params["final_norm"], cfg), head,
-                                            vocab_major, None, targets_h)[0], states)
-    lens_ce = (ce_harmful + jnp.sum(lens)) / states.shape[0]
-
-    hidden_s = forward(cfg, params, ids_s, safe["attention_mask"], lora=lora, apply_head=False)
-    ce_safe, aux = masked_ce(hidden_s, head, vocab_major, softcap, official_targets(ids_s, m))
+    targets_s = official_targets(safe["input_ids"], m)
+    _, aux_s = loss_fn(theta, {**safe, "labels": targets_s[0]})
+    ce_safe = official_ce(aux_s["loss_sum"], targets_s, aux_s["vocab_size"])
     value = ce_safe + beta * mmd_mean - alpha * jnp.log1p(lens_ce)
-    return value, {**aux, "ce_safe": ce_safe, "ce_harmful": ce_harmful, "lens_ce": lens_ce,
-                   "mmd": mmd_mean}
+    return value, {"tokens": targets_s[2], "accuracy": aux_s["accuracy"],
+                   "loss_sum": aux_s["loss_sum"], "ce_safe": ce_safe, "ce_harmful": ce_harmful,
+                   "lens_ce": lens_ce, "mmd": mmd_mean}
 
 
 def _check(variant: str, pairing: str, kernel_mul: float, kernel_num: int) -> None:
@@ -266,9 +244,18 @@ def _check(variant: str, pairing: str, kernel_mul: float, kernel_num: int) -> No
         raise DefenseError(f"RepNoise's variant must be one of {VARIANTS}, got {variant!r}")
     if pairing not in PAIRINGS:
         raise DefenseError(f"RepNoise's pairing must be one of {PAIRINGS}, got {pairing!r}")
-    if kernel_num < 1 or kernel_mul <= 0:
+    if kernel_num < 1 or not kernel_mul > 0:
         raise DefenseError(f"RepNoise needs kernel_num >= 1 and kernel_mul > 0, got "
                            f"{kernel_num}, {kernel_mul}")
+
+
+def _oracle(cfg: ModelConfig, frozen: dict | None, trainable) -> Callable:
+    """`make_loss_fn` over `frozen` for a `LoRA` trainable, full fine-tuning otherwise."""
+    if not isinstance(trainable, LoRA):
+        return make_loss_fn(cfg, None, full_finetune=True)
+    if frozen is None:
+        raise DefenseError("RepNoise with a LoRA needs the frozen base params")
+    return make_loss_fn(cfg, frozen)
 
 
 def repnoise_loss(cfg: ModelConfig, frozen: dict | None, alpha: float = 1.0, beta: float = 1e-3,
@@ -288,22 +275,14 @@ def repnoise_loss(cfg: ModelConfig, frozen: dict | None, alpha: float = 1.0, bet
 
     def loss_fn(trainable, batches: dict, rng: jax.Array | None = None,
                 noise: jax.Array | None = None):
-        for name in (harmful, safe):
-            if name not in batches:
-                raise KeyError(f"RepNoise needs a {name!r} batch; got batches {sorted(batches)}")
+        oracle = _oracle(cfg, frozen, trainable)
+        check_update("repnoise_loss", trainable, oracle, batches, (harmful, safe))
         noise_key = key if rng is None else rng
         if variant == "official":
-            return official_objective(cfg, frozen, trainable, batches[harmful], batches[safe],
+            return official_objective(oracle, trainable, batches[harmful], batches[safe],
                                       noise_key, noise=noise, **terms)
-        params, lora = _model_inputs(trainable, frozen)
-        safe_batch = batches[safe]
-        hidden = forward(cfg, params, safe_batch["input_ids"], safe_batch["attention_mask"],
-                         lora=lora, apply_head=False)
-        head, vocab_major = stored_head(cfg, params)
-        ce_safe, aux = head_cross_entropy(hidden, head, safe_batch["labels"],
-                                          vocab_major=vocab_major,
-                                          softcap=cfg.final_logit_softcap)
-        reg, reg_aux = harmful_regularizer(cfg, frozen, trainable, batches[harmful], noise_key,
+        ce_safe, aux = oracle(trainable, batches[safe])
+        reg, reg_aux = harmful_regularizer(oracle, trainable, batches[harmful], noise_key,
                                            noise=noise, **terms)
         return ce_safe + reg, {**aux, **reg_aux, "ce_safe": ce_safe}
 
@@ -329,34 +308,28 @@ def repnoise(alpha: float = 1.0, beta: float = 1e-3, harmful: str = HARMFUL,
     ∇CE(x_s) (the step's primary batch "align"), so that the sum is ∇L (2F+2B).
     pairing: how the pipeline draws x_h and x_s, "paired" (same prompts, same rows) or
     "unpaired" (module docstring); the transform computes the same thing for both.
-    `update` reads the extra args `batches` (with "align" and `harmful`), `rng` (fresh noise
-    every step) or `noise` ([L, B, T, D], replayed as given), `cfg` and `frozen` (the base
-    params; unused for full fine-tuning).
+    `update` reads the oracle `loss_fn`, `batches` (with "align" and `harmful`) and `rng`
+    (fresh noise every step), or the hint `noise` ([L, B, T, D], replayed as given).
     """
     _check(variant, pairing, kernel_mul, kernel_num)
+    if not (alpha >= 0 and beta >= 0):
+        raise DefenseError(f"RepNoise needs alpha >= 0 and beta >= 0, got {alpha}, {beta}")
     terms = dict(alpha=alpha, beta=beta, kernel_mul=kernel_mul, kernel_num=kernel_num)
 
     def init(params):
         del params
         return optax.EmptyState()
 
-    def update(updates, state, params=None, *, batches=None, rng=None, cfg=None, frozen=None,
-               noise=None, **extra):
-        del extra
-        if params is None or batches is None or cfg is None:
-            raise DefenseError("repnoise.update needs params and the extra args batches=, cfg=, "
-                               "rng= or noise= (and frozen= for a LoRA)")
-        for name in (ALIGN, harmful):
-            if name not in batches:
-                raise DefenseError(f"RepNoise needs a {name!r} batch; got batches "
-                                   f"{sorted(batches)}")
+    def update(updates, state, params=None, *, loss_fn=None, batches=None, rng=None,
+               **hints: Unpack[Hints]):
+        check_update("repnoise", params, loss_fn, batches, (ALIGN, harmful))
+        noise = hints.get("noise")
         if variant == "official":
-            loss = lambda theta: official_objective(  # noqa: E731
-                cfg, frozen, theta, batches[harmful], batches[ALIGN], rng, noise=noise,
-                **terms)[0]
-            return jax.grad(loss)(params), state
+            objective = lambda theta: official_objective(  # noqa: E731
+                loss_fn, theta, batches[harmful], batches[ALIGN], rng, noise=noise, **terms)[0]
+            return jax.grad(objective)(params), state
         reg = lambda theta: harmful_regularizer(  # noqa: E731
-            cfg, frozen, theta, batches[harmful], rng, noise=noise, **terms)[0]
+            loss_fn, theta, batches[harmful], rng, noise=noise, **terms)[0]
         return jax.tree.map(jnp.add, updates, jax.grad(reg)(params)), state
 
     return optax.GradientTransformationExtraArgs(init, update)

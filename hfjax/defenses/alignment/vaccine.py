@@ -15,23 +15,34 @@ Random Vaccine (the paper's ablation) draws ε_l ~ N(0, ρ I) instead and needs 
 G and ε are computed in max(model dtype, float32); the random ε is drawn in float32.
 
 Cost in hfjax's train step: Vaccine 2F+2B (`activation_grads`: the step's own backward on the
-"align" batch returns G as the extra arg `perturb_grads`, so pass 1 is free); random Vaccine
-1F+1B (`primary_perturb`: the step's own pass runs at a_l + ε and hands ε on as `perturbation`,
-so the transform has nothing left to do). In a plain user loop neither extra arg is passed and
-the transforms compute pass 1 / the perturbed pass themselves from `loss_fn`, `batches["align"]`
-(and `rng` for the random variant). Both replace the incoming gradient: put them first.
+"align" batch returns G as the hint `perturb_grads`, so pass 1 is free); random Vaccine 1F+1B
+(`primary_perturb`: the step's own pass runs at a_l + ε, ε drawn from the step's `rng`, and
+hands ε on as the hint `perturbation`, so the transform has nothing left to do). In a plain user
+loop neither hint is passed and the transforms compute pass 1 / the perturbed pass themselves
+from `loss_fn`, `batches["align"]` (and `rng` for the random variant): the same update. Both
+replace the incoming gradient: put them first.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from hfjax import gaussian
-from hfjax.defenses.api import ALIGN, Cost, DefenseError, StepOptions, register
+from hfjax.defenses.api import (
+    ALIGN,
+    Cost,
+    DefenseError,
+    Hints,
+    StepOptions,
+    captures,
+    check_update,
+    register,
+)
 from hfjax.models.config import at_least_float32
 
 PAPER = ("Huang, Hu, Liu. Vaccine: Perturbation-aware Alignment for Large Language Models "
@@ -53,7 +64,7 @@ def perturb_spec(loss_fn, params, batch: dict) -> jax.ShapeDtypeStruct:
     """ε's [L, B, T, D] shape (the attention outputs' for `batch`) and dtype, max(their dtype,
     float32) (traced, never run)."""
     _, aux = jax.eval_shape(lambda: loss_fn(params, batch, capture=("attn_out",)))
-    a = aux["captured"]["attn_out"]
+    a = captures(aux, ("attn_out",), "vaccine")["attn_out"]
     return jax.ShapeDtypeStruct(a.shape, at_least_float32(a.dtype))
 
 
@@ -68,12 +79,6 @@ def _check_rho(rho: float) -> None:
         raise DefenseError(f"Vaccine's rho must be >= 0, got {rho}")
 
 
-def _needs(params, loss_fn, batches, name: str) -> None:
-    if params is None or loss_fn is None or batches is None or ALIGN not in batches:
-        raise DefenseError(f"{name} needs params and the extra args loss_fn and batches with an "
-                           f"{ALIGN!r} batch: opt.update(g, s, θ, loss_fn=..., batches=...)")
-
-
 def _vaccine_options(rho: float) -> StepOptions:
     return StepOptions(primary=ALIGN, activation_grads=True)
 
@@ -83,16 +88,16 @@ def _vaccine_options(rho: float) -> StepOptions:
 def vaccine(rho: float = 2.0) -> optax.GradientTransformationExtraArgs:
     """Vaccine's update direction ∇θ f(θ; a + ε), ε = ρ G/(‖G‖ + 1e-7) (see the module doc).
 
-    Extra args: loss_fn, batches (reads "align"), and optionally perturb_grads = G (the step
-    passes them; otherwise pass 1 runs here).
+    Reads loss_fn and batches["align"]; the hint perturb_grads = G saves pass 1.
     """
     _check_rho(rho)
 
-    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None,
-                  perturb_grads=None, **extra):
-        del updates, extra
-        _needs(params, loss_fn, batches, "vaccine")
+    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, rng=None,
+                  **hints: Unpack[Hints]):
+        del updates, rng
+        check_update("vaccine", params, loss_fn, batches, (ALIGN,))
         batch = batches[ALIGN]
+        perturb_grads = hints.get("perturb_grads")
         if perturb_grads is None:
             spec = perturb_spec(loss_fn, params, batch)
             zeros = jnp.zeros(spec.shape, spec.dtype)
@@ -111,19 +116,18 @@ def _random_options(rho: float) -> StepOptions:
           batches=(ALIGN,), paper=PAPER + " (random-perturbation ablation)",
           options=_random_options)
 def random_vaccine(rho: float = 2.0) -> optax.GradientTransformationExtraArgs:
-    """∇θ f(θ; a + ε) with ε ~ N(0, ρ I) drawn from the extra arg `rng`.
+    """∇θ f(θ; a + ε) with ε ~ N(0, ρ I) drawn from `rng`.
 
-    When the extra arg `perturbation` is given (hfjax's step already ran its pass at a + ε), the
-    incoming gradient is that gradient and passes through unchanged.
+    With the hint `perturbation` (hfjax's step already ran its pass at a + ε, ε drawn from the
+    same `rng`), the incoming gradient is that gradient and passes through unchanged.
     """
     _check_rho(rho)
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, rng=None,
-                  perturbation=None, **extra):
-        del extra
-        if perturbation is not None:
+                  **hints: Unpack[Hints]):
+        if hints.get("perturbation") is not None:
             return updates, state
-        _needs(params, loss_fn, batches, "random_vaccine")
+        check_update("random_vaccine", params, loss_fn, batches, (ALIGN,))
         if rng is None:
             raise DefenseError("random_vaccine needs the extra arg rng (a jax.random key)")
         batch = batches[ALIGN]

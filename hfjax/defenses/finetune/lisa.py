@@ -29,13 +29,22 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from hfjax.defenses.api import ALIGN, USER, Cost, DefenseError, StepOptions, register
+from hfjax.defenses.api import (
+    ALIGN,
+    UPDATE_CALL,
+    USER,
+    Cost,
+    DefenseError,
+    Hints,
+    StepOptions,
+    register,
+)
 
 PAPER = ("Huang, Hu, Ilhan, Tekin, Liu. Lisa: Lazy Safety Alignment for Large Language Models "
          "against Harmful Fine-tuning Attack. NeurIPS 2024, arXiv:2405.18641")
@@ -83,6 +92,8 @@ def lisa(rho: float = 1.0, align_steps: int = 100, finetune_steps: int = 900,
     if not rho >= 0 or align_steps < 0 or finetune_steps < 0 or align_steps + finetune_steps < 1:
         raise DefenseError(f"Lisa needs rho >= 0 and step counts >= 0 with K_a + K_f >= 1, got "
                            f"rho={rho}, align_steps={align_steps}, finetune_steps={finetune_steps}")
+    if proximal_after < 0:
+        raise DefenseError(f"Lisa's proximal_after must be >= 0, got {proximal_after}")
     if not 0.0 <= proximal_warmup < 1.0:
         raise DefenseError(f"Lisa's proximal_warmup must be in [0, 1), got {proximal_warmup}")
     if proximal_warmup:
@@ -96,10 +107,11 @@ def lisa(rho: float = 1.0, align_steps: int = 100, finetune_steps: int = 900,
         return LisaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
                          jax.tree.map(jnp.copy, params))
 
-    def update_fn(updates, state: LisaState, params=None, **extra: Any):
-        del extra
+    def update_fn(updates, state: LisaState, params=None, *, loss_fn=None, batches=None,
+                  rng=None, **hints: Unpack[Hints]):
+        del loss_fn, batches, rng, hints
         if params is None:
-            raise DefenseError("lisa needs params: opt.update(g, state, θ)")
+            raise DefenseError(f"lisa needs params θ: {UPDATE_CALL}")
         t = state.count
         align_now = in_alignment(t, align_steps, finetune_steps)
         align_before = in_alignment(t - 1, align_steps, finetune_steps)

@@ -25,7 +25,7 @@ separate oracle call costs nothing more and keeps the transform the same in any 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Unpack
 
 import jax
 import numpy as np
@@ -33,7 +33,16 @@ import optax
 
 from hfjax.data.mixing import sample
 from hfjax.data.records import Record
-from hfjax.defenses.api import ALIGN, USER, Cost, DefenseError, StepOptions, register
+from hfjax.defenses.api import (
+    ALIGN,
+    USER,
+    Cost,
+    DefenseError,
+    Hints,
+    StepOptions,
+    check_update,
+    register,
+)
 
 PAPER = ("Bianchi et al. Safety-Tuned LLaMAs, ICLR 2024, arXiv:2309.07875; Zong et al. VLGuard: "
          "Safety Fine-Tuning at (Almost) No Cost, ICML 2024, arXiv:2402.02207")
@@ -53,12 +62,10 @@ def safe_instr(lam: float = 0.1,
     if align_batch_size < 1:
         raise DefenseError(f"safe_instr's align_batch_size must be >= 1, got {align_batch_size}")
 
-    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, **extra: Any):
-        del extra
-        if params is None or loss_fn is None or batches is None or ALIGN not in batches:
-            raise DefenseError("safe_instr needs params and the extra args loss_fn and batches "
-                               f"with an {ALIGN!r} batch: opt.update(g, s, θ, loss_fn=..., "
-                               "batches=...)")
+    def update_fn(updates, state, params=None, *, loss_fn=None, batches=None, rng=None,
+                  **hints: Unpack[Hints]):
+        del rng, hints
+        check_update("safe_instr", params, loss_fn, batches, (ALIGN,))
         g_f = jax.grad(lambda p: loss_fn(p, batches[ALIGN])[0])(params)
         return optax.tree.add_scale(updates, lam, g_f), state
 
