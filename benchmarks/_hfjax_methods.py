@@ -25,9 +25,10 @@ import numpy as np
 from absl import flags
 
 from hfjax import defenses, host, models, sharding
+from hfjax.defenses.compose import DefenseChoice
 from hfjax.models import attention as attention_lib
 from hfjax.models import lora as lora_lib
-from hfjax.train import optim, state, step
+from hfjax.train import builder, optim, state, step
 
 # Model, LoRA, batch and precision flags shared by the benchmarks that import this module.
 MODEL = flags.DEFINE_string("model", None, "HF folder or .gguf (default: embedded SmolLM2)")
@@ -122,14 +123,13 @@ def make_method(cfg, frozen, frozen_sh, lora, mesh, name: str | None, *, batch: 
     AdamW lr 1e-4 constant, weight decay 0, no clipping (the PyTorch reference's optimizer),
     with the defense's transform (`benchmark_hparams`) chained before it.
     """
-    spec = defenses.get(name) if name and name != LORA_SFT else None
-    hp = benchmark_hparams(name)
-    opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000),
-                               pre=[spec.build_for_run(hp, total_steps=1000)] if spec else [])
-    st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh,
-                              **(spec.step_options(**hp).step_kwargs() if spec else {}))
+    del frozen_sh  # the builder places the state; `frozen` is already placed
+    chosen = [DefenseChoice.named(name, **benchmark_hparams(name))] \
+        if name and name != LORA_SFT else []
+    training = builder.build_training(
+        cfg, lora, mesh=mesh, defenses=chosen,
+        optimizer=optim.OptimizerConfig(learning_rate=1e-4, total_steps=1000))
+    fn, st = training.step, training.state
     placed = step.put_batches(
         {n: random_batch(cfg.vocab_size, s, batch, seq, prompt_tokens(seq))
          for n, s in batch_seeds(name).items()},

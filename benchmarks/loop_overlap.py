@@ -38,7 +38,7 @@ from absl import app, flags
 
 from hfjax import data, host, models
 from hfjax.models.config import from_hf_dict
-from hfjax.train import loop, optim, step
+from hfjax.train import builder, loop, optim, step
 
 _STEPS = flags.DEFINE_integer("steps", 12, "steps per timed run")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "timed runs of each loop, alternated")
@@ -79,14 +79,11 @@ def main(argv):
         for b in batcher.batches(start):
             yield {"user": b}
 
-    opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, total_steps=10_000))
+    opt_cfg = optim.OptimizerConfig(learning_rate=1e-4, total_steps=10_000)
+    fn = builder.build_training(cfg, lora, mesh=mesh, optimizer=opt_cfg).step
 
     def fresh():
-        return step.init_state(cfg, lora, opt, mesh=mesh, seed=0)[0]
-
-    _, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh)
+        return builder.build_training(cfg, lora, mesh=mesh, optimizer=opt_cfg).state
     n = _STEPS.value
 
     def train(overlap: bool):

@@ -10,12 +10,13 @@ import numpy as np
 import optax
 from jax.extend import core as jcore
 
-from hfjax import defenses, sharding
+from hfjax import sharding
 from hfjax.defenses.api import Cost
+from hfjax.defenses.compose import DefenseChoice
 from hfjax.models import lora as lora_lib
 from hfjax.models import params as params_lib
 from hfjax.models.config import ModelConfig, from_hf_dict
-from hfjax.train import optim, state, step
+from hfjax.train import builder, optim, step
 from hfjax.train.loss import make_loss_fn
 
 CFG = from_hf_dict(dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -82,21 +83,15 @@ SGD_LR = 0.1
 
 def build_run(mesh_shape, name: str | None, opt_cfg: optim.OptimizerConfig | None = OPT_CFG,
               **hparams):
-    """(mesh, step fn, state, frozen) for hfjax's train step with defense `name` chained before
-    AdamW(opt_cfg), or before plain SGD(SGD_LR) if opt_cfg is None, and the step options the
-    registry gives (name None: plain LoRA SFT on "user")."""
+    """(mesh, step fn, state, frozen) of `hfjax.train.builder` with defense `name` chained
+    before AdamW(opt_cfg), or before plain SGD(SGD_LR) if opt_cfg is None, and the step options
+    the registry gives (name None: plain LoRA SFT on "user")."""
     n = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:n])
-    spec = defenses.get(name) if name else None
-    pre = [spec.build(**hparams)] if spec else []
-    opt = (optax.chain(*pre, optax.sgd(SGD_LR)) if opt_cfg is None
-           else optim.make_optimizer(opt_cfg, pre=pre))
-    frozen_sh = state.params_shardings(CFG, mesh)
-    st, st_sh = step.init_state(CFG, LORA, opt, mesh=mesh, seed=0)
-    options = spec.step_options(**hparams).step_kwargs() if spec else {}
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh, **options)
-    return mesh, fn, st, jax.device_put(BASE, frozen_sh)
+    training = builder.build_training(
+        CFG, LORA, mesh=mesh, optimizer=optax.sgd(SGD_LR) if opt_cfg is None else opt_cfg,
+        defenses=[DefenseChoice.named(name, **hparams)] if name else [])
+    return mesh, training.step, training.state, jax.device_put(BASE, training.frozen_shardings)
 
 
 def compile_fast(fn: step.CompileCounter, st, frozen, batches):

@@ -23,7 +23,7 @@ from defense_fixtures import (
 
 from hfjax import defenses
 from hfjax.defenses import Cost
-from hfjax.train import optim, step
+from hfjax.train import builder, optim, step
 
 DOCS = Path(__file__).parents[1] / "docs" / "defenses.md"
 GRADIENT = ("booster", "booster_perturb_aware", "lisa", "random_vaccine", "safe_instr", "vaccine")
@@ -94,12 +94,8 @@ def test_passes_in_the_jitted_train_step_match_the_declared_cost(name):
 
 def test_vaccine_without_the_step_options_computes_G_itself_one_pass_dearer():
     mesh = build_run((1, 1, 1), None)[0]
-    opt = optim.make_optimizer(optim.OptimizerConfig(), pre=[defenses.vaccine()])
-    st, st_sh = step.init_state(CFG, LORA, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=jax.tree.map(lambda x: x.sharding, BASE),
-                              primary="align")
-    jaxpr = jax.make_jaxpr(fn.fn)(st, BASE, step.put_batches(named_batches(0), mesh))
+    t = builder.build_training(CFG, LORA, mesh=mesh, pre=[defenses.vaccine()], primary="align")
+    jaxpr = jax.make_jaxpr(t.step.fn)(t.state, BASE, step.put_batches(named_batches(0), mesh))
     assert count_passes(jaxpr.jaxpr) == Cost(3, 3)
 
 

@@ -24,7 +24,8 @@ from defense_fixtures import (
 )
 
 from hfjax import defenses
-from hfjax.train import optim, step
+from hfjax.defenses.compose import DefenseChoice
+from hfjax.train import builder, optim, step
 from hfjax.train.loss import make_loss_fn
 
 GRADIENT = [n for n in defenses.available() if defenses.get(n).level == "gradient"]
@@ -193,12 +194,9 @@ def _received_by_a_defense(name: str, lora) -> set[str]:
 
     spy = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
     mesh = build_run((1, 1, 1), None)[0]
-    opt = optim.make_optimizer(optim.OptimizerConfig(), pre=[spy])
-    st, st_sh = step.init_state(CFG, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=jax.tree.map(lambda x: x.sharding, BASE),
-                              **defenses.step_options(name).step_kwargs())
-    jax.make_jaxpr(fn.fn)(st, BASE, step.put_batches(named_batches(0), mesh))
+    t = builder.build_training(CFG, lora, mesh=mesh, pre=[spy],
+                               defenses=[DefenseChoice.named(name)])
+    jax.make_jaxpr(t.step.fn)(t.state, BASE, step.put_batches(named_batches(0), mesh))
     return received
 
 

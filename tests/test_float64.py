@@ -24,7 +24,8 @@ from defense_fixtures import GEMMA_LIKE, primitives
 from jax.extend import core as jcore
 from torch_live import run_fixture_script
 
-from hfjax import defenses, sharding
+from hfjax import sharding
+from hfjax.defenses.compose import DefenseChoice
 from hfjax.defenses.post import antidote, safelora
 from hfjax.defenses.post.antidote import _sum_squares
 from hfjax.defenses.post.safelora import _module_projection
@@ -32,7 +33,7 @@ from hfjax.models import PROJECTIONS, forward, load_pretrained
 from hfjax.models import lora as lora_lib
 from hfjax.models import params as params_lib
 from hfjax.models.config import ModelConfigError, from_hf_dict
-from hfjax.train import optim, state, step
+from hfjax.train import builder, optim, step
 from hfjax.train.loss import make_loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,14 +178,10 @@ def _hfjax_steps(cfg, params, lora, batches, name=None, **hparams):
     """(losses, final LoRA weights, jitted step, state, frozen) of hfjax's sharded train step
     on 8 devices, with AdamW(OPT) and the gradient defense `name` if given."""
     mesh = sharding.make_mesh(2, 4, 1, devices=jax.devices()[:8])
-    spec = defenses.get(name) if name else None
-    opt = optim.make_optimizer(OPT, pre=[spec.build(**hparams)] if spec else [])
-    frozen_sh = state.params_shardings(cfg, mesh)
-    st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh,
-                              **(spec.step_options(**hparams).step_kwargs() if spec else {}))
-    frozen = jax.device_put(params, frozen_sh)
+    t = builder.build_training(cfg, lora, mesh=mesh, optimizer=OPT,
+                               defenses=[DefenseChoice.named(name, **hparams)] if name else [])
+    fn, st = t.step, t.state
+    frozen = jax.device_put(params, t.frozen_shardings)
     put = [step.put_batches(b, mesh) for b in batches]
     losses = []
     for b in put:

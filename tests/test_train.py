@@ -20,7 +20,7 @@ from hfjax.models import forward
 from hfjax.models import lora as lora_lib
 from hfjax.models import params as params_lib
 from hfjax.models.config import from_hf_dict
-from hfjax.train import checkpoint, loop, optim, state, step
+from hfjax.train import builder, checkpoint, loop, optim, step
 from hfjax.train.loss import token_cross_entropy
 
 CFG = from_hf_dict(dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -50,16 +50,9 @@ def synthetic_batches(start_step: int, batch: int = 8, length: int = 16):
 def make_run(mesh_shape, *, full_finetune=False, opt_cfg=OPT_CFG):
     n = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:n])
-    opt = optim.make_optimizer(opt_cfg)
-    frozen_sh = state.params_shardings(CFG, mesh)
-    frozen = jax.device_put(BASE, frozen_sh)
-    trainable = BASE if full_finetune else LORA
-    st, st_sh = step.init_state(CFG, trainable, opt, mesh=mesh, seed=0,
-                                full_finetune=full_finetune)
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh, full_finetune=full_finetune,
-                              learning_rate_fn=optim.make_schedule(opt_cfg))
-    return mesh, fn, st, st_sh, frozen
+    t = builder.build_training(CFG, BASE if full_finetune else LORA, mesh=mesh,
+                               optimizer=opt_cfg, full_finetune=full_finetune)
+    return mesh, t.step, t.state, t.state_shardings, jax.device_put(BASE, t.frozen_shardings)
 
 
 def run_losses(mesh_shape, steps=20, **kw):
@@ -342,14 +335,11 @@ def test_optimizer_receives_the_gradient_oracle_and_all_batches_as_extra_args():
         return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
 
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = optim.make_optimizer(OPT_CFG, pre=[spy()])
-    frozen_sh = state.params_shardings(CFG, mesh)
-    st, st_sh = step.init_state(CFG, LORA, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh)
+    t = builder.build_training(CFG, LORA, mesh=mesh, optimizer=OPT_CFG, pre=[spy()])
     b = next(synthetic_batches(0))
     b["harmful"] = next(synthetic_batches(5))["user"]
-    _, metrics = fn(st, jax.device_put(BASE, frozen_sh), step.put_batches(b, mesh))
+    _, metrics = t.step(t.state, jax.device_put(BASE, t.frozen_shardings),
+                        step.put_batches(b, mesh))
     jax.effects_barrier()
     harmful = b["harmful"]
     logits = forward(CFG, BASE, jnp.asarray(harmful["input_ids"]),
@@ -384,13 +374,10 @@ def test_a_diverged_step_stops_the_loop_naming_it_and_no_checkpoint_holds_its_st
 
 def test_skip_nonfinite_leaves_weights_and_optimizer_state_and_too_many_skips_stop(tmp_path):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = optim.make_optimizer(OPT_CFG)
-    frozen_sh = state.params_shardings(CFG, mesh)
-    frozen = jax.device_put(BASE, frozen_sh)
     broken = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), LORA)
-    st, st_sh = step.init_state(CFG, broken, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh, skip_nonfinite=True)
+    t = builder.build_training(CFG, broken, mesh=mesh, optimizer=OPT_CFG, skip_nonfinite=True)
+    fn, st, opt = t.step, t.state, t.optimizer
+    frozen = jax.device_put(BASE, t.frozen_shardings)
     before = jax.device_get((st.trainable, st.opt_state))
     after, metrics = fn(st, frozen, step.put_batches(next(synthetic_batches(0)), mesh))
     assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
@@ -478,15 +465,11 @@ def test_a_second_interrupt_during_the_final_checkpoint_is_reported_and_the_save
 def _dropout_step(dropout: float):
     """(jitted step, state, frozen, batches) for LoRA with dropout p on one device."""
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = optim.make_optimizer(OPT_CFG)
-    frozen_sh = state.params_shardings(CFG, mesh)
     lora = LORA.replace(weights={n: {"A": w["A"], "B": w["B"] + 0.1} for n, w in
                                  LORA.weights.items()}, dropout=dropout)
-    st, st_sh = step.init_state(CFG, lora, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(CFG, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh)
-    return fn, st, jax.device_put(BASE, frozen_sh), step.put_batches(next(synthetic_batches(0)),
-                                                                     mesh)
+    t = builder.build_training(CFG, lora, mesh=mesh, optimizer=OPT_CFG)
+    return t.step, t.state, jax.device_put(BASE, t.frozen_shardings), step.put_batches(
+        next(synthetic_batches(0)), mesh)
 
 
 def test_lora_dropout_in_the_train_step_uses_the_step_key_and_p_0_traces_no_dropout():

@@ -30,7 +30,7 @@ from torch_live import run_script, torch_python
 from hfjax import sharding
 from hfjax.models import forward, load_pretrained
 from hfjax.models import lora as lora_lib
-from hfjax.train import loop, optim, state, step
+from hfjax.train import builder, loop, optim
 from hfjax.train.loss import token_cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,15 +94,10 @@ def _hfjax_run(name: str) -> tuple[dict[str, np.ndarray], lora_lib.LoRA]:
     init = lora_lib.load_peft(FIXTURES / "init_adapter", cfg)
     batches = _batches_from(np.load(FIXTURES / "reference.npz"))
     opt_cfg = optimizer_config(run)
-    opt = optim.make_optimizer(opt_cfg)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    frozen_sh = state.params_shardings(cfg, mesh)
-    frozen = jax.device_put(params, frozen_sh)
-    st, st_sh = step.init_state(cfg, init, opt, mesh=mesh, seed=0)
-    fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
-                              frozen_shardings=frozen_sh,
-                              learning_rate_fn=optim.make_schedule(opt_cfg),
-                              accumulation_steps=run.accumulation)
+    t = builder.build_training(cfg, init, mesh=mesh, optimizer=opt_cfg)
+    fn, st = t.step, t.state
+    frozen = jax.device_put(params, t.frozen_shardings)
 
     def data(start: int):
         for i in range(start, REF.STEPS):

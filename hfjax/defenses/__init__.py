@@ -4,7 +4,7 @@
     opt = optax.chain(defenses.vaccine(rho=2.0), optax.adamw(1e-3))     # any optax optimizer
     u, s = opt.update(g, s, θ, loss_fn=loss_fn, batches=batches, rng=key)  # + optional Hints
     spec = defenses.get("lisa"); tx = spec.build(rho=1.0)               # by name, from flags
-    step_kwargs = spec.step_options(rho=1.0).step_kwargs()              # -> make_train_step
+    step_kwargs = spec.step_options(rho=1.0).step_kwargs()  # what hfjax.train.builder asks
 
 Importing this package registers every method (`available()` lists them).
 """

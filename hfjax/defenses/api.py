@@ -21,11 +21,12 @@ thing from the oracle, so a plain optax loop gives hfjax's step's update. Model 
 weights never reach a defense; whatever it needs of them, the oracle computes. A missing
 argument, batch, capture or a bad hyper-parameter raises `DefenseError` saying what is missing.
 
-The binaries select a defense by name and pass its hyper-parameters as flags:
+The binaries select a defense by name and pass its hyper-parameters as flags; the training
+builder chains it and gives the train step its `StepOptions`:
 
-    spec = defenses.get("booster"); transform = spec.build(lam=5.0, alpha=0.1)
-    step = make_train_step(cfg, make_optimizer(c, pre=[transform]), ...,
-                           **spec.step_options(lam=5.0, alpha=0.1).step_kwargs())
+    training = hfjax.train.builder.build_training(
+        cfg, lora, mesh=mesh, optimizer=OptimizerConfig(...),
+        defenses=[DefenseChoice.named("booster", lam=5.0, alpha=0.1)])
 
 `StepOptions` is what a gradient defense asks of hfjax's train step so that its declared cost is
 what runs: which batch the step differentiates (`primary`, or one per phase), whether the same
@@ -51,6 +52,7 @@ from typing import Any, TypedDict
 import jax
 
 from hfjax.errors import UserError
+from hfjax.registry import hyperparameters
 
 STAGES = ("alignment", "finetune", "post")
 LEVELS = ("data", "gradient", "weights")
@@ -161,11 +163,6 @@ class StepOptions:
         return (self.primary,) if isinstance(self.primary, str) else tuple(self.primary)
 
 
-RUN_INPUTS = ("total_steps",)
-"""Keyword arguments a factory may take that come from the run, not from the user: the training
-stage's optimizer steps (Lisa's warm-up). `DefenseSpec.build_for_run` passes them."""
-
-
 @dataclasses.dataclass(frozen=True)
 class DefenseSpec:
     """A registered defense: how to build it and what it needs."""
@@ -182,9 +179,7 @@ class DefenseSpec:
     @property
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword arguments of the factory with their defaults (the paper's values)."""
-        sig = inspect.signature(self.factory)
-        return {n: p.default for n, p in sig.parameters.items()
-                if p.default is not inspect.Parameter.empty and n not in RUN_INPUTS}
+        return hyperparameters(self.factory)
 
     def _check_names(self, hparams: dict) -> None:
         unknown = set(hparams) - set(self.hyperparameters)

@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import optax
 from jax.sharding import Mesh
 
 from hfjax.defenses import compose
@@ -45,31 +46,40 @@ class Training:
     batch_names: tuple[str, ...]  # every batch to feed, the stage's own first
     paired: tuple[str, ...]
     batch_sizes: dict[str, int]
-    schedule: Callable
+    schedule: Callable | None
     optimizer: Any
 
 
-def build_training(cfg: ModelConfig, trainable, *, mesh: Mesh, optimizer: optim.OptimizerConfig,
+def build_training(cfg: ModelConfig, trainable, *, mesh: Mesh,
+                   optimizer: optim.OptimizerConfig | optax.GradientTransformation | None = None,
                    defenses: Sequence[DefenseChoice] = (), primary: str = "user",
                    full_finetune: bool = False, seed: int = 0, skip_nonfinite: bool = False,
                    pre: Sequence = ()) -> Training:
     """Build the jitted, sharded, state-donating step for `trainable` (module docstring).
 
+    `optimizer`: hfjax's clipping + AdamW with its schedule (`OptimizerConfig`, the default
+    one if None), or any optax transformation (then no schedule metric and no accumulation).
     `primary`: the stage's own batch name ("user" when fine-tuning, "align" when aligning),
     which a defense may replace. `pre`: further optax transforms chained before the defenses
     (a user's own). The optimizer's `total_steps` is passed to defenses that read it.
     """
+    config = optimizer if isinstance(optimizer, optim.OptimizerConfig) else None
+    if optimizer is None:
+        config = optim.OptimizerConfig()
     options = compose.step_options(defenses, primary)
-    chain = [*pre, *compose.transforms(defenses, total_steps=optimizer.total_steps)]
-    opt = optim.make_optimizer(optimizer, pre=chain)
+    run_inputs = {"total_steps": config.total_steps} if config is not None else {}
+    chain = [*pre, *compose.transforms(defenses, **run_inputs)]
+    if config is not None:
+        opt = optim.make_optimizer(config, pre=chain)
+        schedule, accumulation = optim.make_schedule(config), config.accumulation_steps
+    else:
+        opt, schedule, accumulation = optax.chain(*chain, optimizer), None, 1
     st, st_sh = step_lib.init_state(cfg, trainable, opt, mesh=mesh, seed=seed,
                                     full_finetune=full_finetune)
     frozen_sh = state_lib.params_shardings(cfg, mesh)
-    schedule = optim.make_schedule(optimizer)
     fn = step_lib.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh,
                                   frozen_shardings=frozen_sh, full_finetune=full_finetune,
-                                  learning_rate_fn=schedule,
-                                  accumulation_steps=optimizer.accumulation_steps,
+                                  learning_rate_fn=schedule, accumulation_steps=accumulation,
                                   skip_nonfinite=skip_nonfinite, **options.step_kwargs())
     names = tuple(dict.fromkeys([primary, *options.batch_names, *options.paired,
                                  *compose.batches(defenses)]))

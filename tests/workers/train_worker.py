@@ -34,7 +34,7 @@ from hfjax import sharding  # noqa: E402
 from hfjax.models import lora as lora_lib  # noqa: E402
 from hfjax.models import params as params_lib  # noqa: E402
 from hfjax.models.config import from_hf_dict  # noqa: E402
-from hfjax.train import optim, state, step  # noqa: E402
+from hfjax.train import builder, optim, step  # noqa: E402
 
 GLOBAL_BATCH = 8
 cfg = from_hf_dict(dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -53,11 +53,9 @@ def global_batch(i: int) -> dict:
 
 mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
 oc = optim.OptimizerConfig(learning_rate=1e-2, total_steps=args.steps, weight_decay=0.1)
-opt = optim.make_optimizer(oc)
-frozen_sh = state.params_shardings(cfg, mesh)
-frozen = jax.device_put(base, frozen_sh)
-st, st_sh = step.init_state(cfg, lora, opt, mesh=mesh, seed=0)
-fn = step.make_train_step(cfg, opt, mesh=mesh, state_shardings=st_sh, frozen_shardings=frozen_sh)
+training = builder.build_training(cfg, lora, mesh=mesh, optimizer=oc)
+fn, st = training.step, training.state
+frozen = jax.device_put(base, training.frozen_shardings)
 rows = GLOBAL_BATCH // jax.process_count()
 lo = jax.process_index() * rows
 losses = []
