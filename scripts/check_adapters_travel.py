@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, load in loaders.items():
         model = load().eval()
         same = total = 0
-        for kind, budget in (("harmful", flags["max_new_tokens"]),
-                             ("task", flags["task_max_new_tokens"])):
+        settings = json.loads((run / EVALS[label] / "key.json").read_text())["eval"]
+        for kind, budget in (("harmful", settings["max_new_tokens"]),
+                             ("task", settings["task_max_new_tokens"])):
             rows = read_jsonl(run / EVALS[label] / f"generations_{kind}.jsonl")[:args.limit]
             answers = generate(model, tok, [r["prompt"] for r in rows], budget)
             same += sum(a == r["response"] for a, r in zip(answers, rows, strict=True))

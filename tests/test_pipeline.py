@@ -256,10 +256,18 @@ def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     (dict(scan_unroll=0), ConfigError, "scan_unroll must be >= 1"),
     (dict(attention="flash"), ConfigError, "--attention must be one of auto, xla, cudnn"),
     (dict(dtype="float64"), ConfigError, "--dtype must be one of float32, bfloat16"),
+    (dict(finetune_defense="safe_instr", finetune_defense_hparams="lam=-1"), DefenseError,
+     "lam must be >= 0"),
+    (dict(repair_defense="antidote", repair_defense_hparams="dense_ratio=2.0"), DefenseError,
+     "dense_ratio"),
+    (dict(task_metric="bleu"), ConfigError, "--task_metric=bleu is no FA metric"),
+    (dict(adapter="prefix"), ConfigError, "--adapter=prefix is no registered adapter type"),
 ], ids=["post-without-finetune", "finetune-defense-without-finetune", "p-above-1", "p-below-0",
         "mesh-too-large", "mesh-malformed", "unknown-defense", "unknown-defense-flag",
         "wrong-stage", "bad-hparam-type", "unknown-hparam", "hparams-without-defense",
-        "bad-lora-target", "scan-unroll-0", "unknown-attention", "unknown-dtype"])
+        "bad-lora-target", "scan-unroll-0", "unknown-attention", "unknown-dtype",
+        "bad-gradient-defense-value", "bad-weights-defense-value", "unknown-task-metric",
+        "unknown-adapter"])
 def test_impossible_flag_combinations_fail_before_any_work(setup, tmp_path, changes, error,
                                                            match):
     with pytest.raises(error, match=match):

@@ -33,6 +33,7 @@ from hfjax import attacks, tasks
 from hfjax.defenses import api as defenses_api
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
+from hfjax.eval import metrics as metrics_lib
 from hfjax.models.adapters import AdapterSettings
 from hfjax.models.adapters import available as adapter_kinds
 from hfjax.models.config import ATTENTION_IMPLEMENTATIONS
@@ -58,9 +59,6 @@ from hfjax.train.optim import OptimizerConfig
 FLAGS = flags.FLAGS
 STAGE_OF_FLAG = {"align_defense": "alignment", "finetune_defense": "finetune",
                  "repair_defense": "post"}
-ADAPTER_KINDS = tuple(adapter_kinds())
-
-
 def load_defenses() -> None:
     """Import every module under hfjax.defenses, so each defense registers itself."""
     for info in pkgutil.walk_packages(hfjax.defenses.__path__, "hfjax.defenses."):
@@ -102,8 +100,9 @@ class RunFlags:
     progress: bool = _f(True, "show progress bars")
     # --- model and adapter
     model: str = _f("", "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)")
-    adapter: str = _f("lora", "what both training stages train: lora (a LoRA beside the frozen "
-                              "base) or full (every weight)", choices=ADAPTER_KINDS)
+    adapter: str = _f("lora", "what both training stages train (hfjax.models.adapters): lora (a "
+                              "LoRA beside the frozen base), full (every weight), or another "
+                              "registered adapter type")
     lora_rank: int = _f(8, "LoRA rank r (the fine-tuning stage; the alignment's too unless "
                            "--align_lora_rank)")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale alpha / r)")
@@ -201,7 +200,8 @@ class RunFlags:
     eval_size: int = _f(100, "held-out harmful prompts for HS")
     task_eval_size: int = _f(100, "task test rows for FA")
     max_new_tokens: int = _f(32, "greedy tokens per harmful prompt")
-    task_max_new_tokens: int = _f(8, "greedy tokens per task prompt")
+    task_max_new_tokens: int = _f(0, "greedy tokens per task prompt (0: the task's budget, "
+                                     "hfjax.tasks)")
     eval_batch_size: int = _f(50, "prompts per generation batch")
     judge: str = _f("keyword", "keyword, beaver_dam:PATH (BeaverTails moderation folder) or "
                                "hf:PATH (a transformers sequence classifier)")
@@ -264,8 +264,7 @@ class RunFlags:
             return self.task
         if self.task_test_data:
             source = self.task_test_data.partition(":")[0].lower()
-            return {"sst2": "sst2", "ag_news": "ag_news", "gsm8k": "gsm8k"}.get(
-                source, self.offline_task)
+            return source if source in tasks.available() else self.offline_task
         return self.offline_task
 
 
@@ -329,13 +328,13 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
         raise ConfigError(f"--harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
     positive = ("num_samples", "batch_size", "align_batch_size", "lora_rank", "eval_size",
                 "judge_max_length",
-                "task_eval_size", "max_new_tokens", "task_max_new_tokens", "eval_batch_size",
+                "task_eval_size", "max_new_tokens", "eval_batch_size",
                 "checkpoint_every", "max_length", "defense_data_size", "pad_multiple",
                 "scan_unroll")
     for f in positive:
         if getattr(cfg, f) < 1:
             raise ConfigError(f"--{f} must be >= 1, got {getattr(cfg, f)}")
-    for f in ("epochs", "align_epochs", "align_refusals", "align_benign"):
+    for f in ("epochs", "align_epochs", "align_refusals", "align_benign", "task_max_new_tokens"):
         if getattr(cfg, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(cfg, f)}")
     for f in ("lr", "align_lr"):
@@ -391,11 +390,19 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
             if cfg.adapter != "lora" and spec.level == "weights":
                 raise ConfigError(f"--{flag}={choice.name} maps a LoRA adapter; it does not "
                                   f"apply to --adapter={cfg.adapter}")
-        if len(chosen) > 1:
-            compose.step_options(chosen, "align" if want == "alignment" else "user")
+        for choice in chosen:  # bad values fail now, not when their stage starts
+            if choice.spec.level != "gradient":
+                choice.spec.build(**choice.hparams)
+        compose.step_options(chosen, "align" if want == "alignment" else "user")
     attacks.get(cfg.attack).parse(cfg.attack_hparams)  # AttackError on a bad name or value
     if cfg.task:
         tasks.get(cfg.task)  # TaskError on an unknown task
+    if cfg.adapter not in adapter_kinds():
+        raise ConfigError(f"--adapter={cfg.adapter} is no registered adapter type; choose one "
+                          f"of {adapter_kinds()}")
+    if cfg.task_metric and cfg.task_metric.lower() not in metrics_lib.METRICS:
+        raise ConfigError(f"--task_metric={cfg.task_metric} is no FA metric; choose one of "
+                          f"{sorted(metrics_lib.METRICS)}")
     shape = cfg.mesh_shape
     if device_count is not None:
         fixed = math.prod(s for s in shape if s != -1)
@@ -454,7 +461,8 @@ def to_config(f: RunFlags) -> RunConfig:
         repair=RepairSettings(parse_defenses(f.repair_defense, f.repair_defense_hparams,
                                              "repair_defense")),
         eval=EvalSettings(f.eval_size, f.task_eval_size, f.max_new_tokens,
-                          f.task_max_new_tokens, f.judge, f.judge_max_length, f.task_match))
+                          f.task_max_new_tokens or tasks.get(f.task_name()).max_new_tokens,
+                          f.judge, f.judge_max_length, f.task_match))
 
 
 def define(flag_values: flags.FlagValues = FLAGS) -> None:

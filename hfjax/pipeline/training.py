@@ -29,6 +29,7 @@ from hfjax import data as data_lib
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
 from hfjax.models import adapters
+from hfjax.models.lora import LoRA
 from hfjax.pipeline import portable
 from hfjax.pipeline.config import ConfigError, TrainSettings
 from hfjax.pipeline.resources import DATA_DEFENSE_INPUTS, Resources, stream_kind
@@ -217,7 +218,7 @@ class Trainer:
         trainable = init if init is not None else kind.init(
             base.cfg, jax.random.fold_in(jax.random.key(rc.run.seed), salt), params,
             settings.adapter)
-        if init is not None and hasattr(trainable, "replace") and settings.adapter.kind == "lora":
+        if init is not None and isinstance(trainable, LoRA):
             trainable = trainable.replace(dropout=settings.adapter.dropout)
         training = builder.build_training(
             base.cfg, trainable, mesh=mesh,
