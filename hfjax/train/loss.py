@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from hfjax.data.batching import IGNORE_INDEX
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.decoder import CAPTURE_NAMES, head_matmul, rms_norm, stored_head
-
-IGNORE_INDEX = -100
 
 
 @jax.custom_jvp
