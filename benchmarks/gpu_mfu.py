@@ -5,7 +5,7 @@
         [--steps 10] [--warmup 3] [--peak_tflops X] [--torch_python PY] [--json]
         [--attention auto|xla|cudnn] [--scan_unroll N] [--remat]
 
-Meant for a GPU (issue 8); runs anywhere (CPU smoke test: `--config tiny --batch 2 --seq 32`).
+Meant for a GPU; runs anywhere (CPU smoke test: `--config tiny --batch 2 --seq 32`).
 The model is a real configuration with random weights (no hub access): the HF config.json of
 Llama-3.2-1B or SmolLM2-1.7B written below, `tiny` (a 2-layer llama for smoke tests) or any
 config.json (--config_json). hfjax: `models.init_random` (normal(0, 0.02)) created sharded on

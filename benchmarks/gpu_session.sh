@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU checks as one prepared run (BUILD_NOTES, "GPU check"): on a machine with one
+# The GPU measurements as one prepared run (BUILD_NOTES, "GPU check"): on a machine with one
 # NVIDIA GPU, run from the repository root:
 #
 #     bash benchmarks/gpu_session.sh            # results as JSON under $OUT (default

@@ -441,7 +441,7 @@ def f08_refused_rerun(lab: Lab, f: Fault) -> None:
     f.success(lab, lab.run("pipeline", run), "first run")
     manifest = (run / "run.json").read_bytes()
     f.happened = f.user_error(lab, lab.run("pipeline", run, lr=1e-3),
-                              r"made with other settings \(.*lr: 0\.003 -> 0\.001")
+                              r"made with other settings \(.*learning_rate: 0\.003 -> 0\.001")
     f.expect((run / "run.json").read_bytes() == manifest, "run.json changed")
     f.happened += "; run.json byte-identical" if not f.problems else ""
 

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_session.sh, the prepared GPU run of issue 8, in its CPU smoke mode: it must
-work before a GPU session spends device time on it."""
+"""benchmarks/gpu_session.sh, the prepared GPU measurements, in its CPU smoke mode: it must
+work on CPU before it is run on a GPU."""
 
 import json
 import os
