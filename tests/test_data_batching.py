@@ -230,3 +230,15 @@ def test_alpaca_no_newline_ends_the_prompt_at_response_colon_like_the_vaccine_an
     without = data.get_template("alpaca_no_newline").prompt(RECS[1])
     assert with_newline.endswith("### Response:\n") and without.endswith("### Response:")
     assert with_newline == without + "\n"
+
+
+def test_a_record_s_own_system_prompt_is_rendered_by_both_templates_and_wins_over_the_template_s(
+        tok):
+    rec = data.make_record("What is 2 plus 2?", "4", "t", False, system="You are AOA.")
+    chat = data.get_template("chat", system_prompt="Be brief.").prompt(rec, tok)
+    assert chat == ("<|im_start|>system\nYou are AOA.<|im_end|>\n<|im_start|>user\n"
+                    "What is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n")
+    alpaca = data.get_template("alpaca").prompt(rec)
+    assert alpaca == "You are AOA.\n\n" + data.get_template("alpaca").prompt(RECS[0])
+    with pytest.raises(data.DataError, match="unknown record fields"):
+        data.make_record("p", "r", "t", False, persona="x")

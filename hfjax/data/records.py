@@ -6,7 +6,11 @@ A record is a plain dict:
 
 plus optional fields: "input" (Alpaca's input block, e.g. the sentence to classify), "label"
 (gold label word of a classification task), "answer" (gold final answer, GSM8K), "refusal" (a
-refusal paired with the harmful response, RepNoise/Booster), "category" (harm categories).
+refusal paired with the harmful response, RepNoise/Booster), "category" (harm categories),
+"options" (a multiple-choice item's option texts; "label" is then the gold letter), "tests" (a
+code task's test program), "entry_point" (the function a code task's tests call), "framing" (the
+task framing a harmful evaluation prompt is presented in), "system" (the row's own system prompt,
+e.g. an identity-shifting persona; the template renders it).
 
 `harmful` follows BeaverTails' `is_safe` (harmful = not is_safe): the row is a harmful request
 answered by a harmful response. Safety rows (harmful request -> refusal) are harmful=False. In an
@@ -30,9 +34,15 @@ class Record(TypedDict):
     answer: NotRequired[str]
     refusal: NotRequired[str]
     category: NotRequired[list[str]]
+    options: NotRequired[list[str]]
+    tests: NotRequired[str]
+    entry_point: NotRequired[str]
+    framing: NotRequired[str]
+    system: NotRequired[str]
 
 
-OPTIONAL_FIELDS = ("input", "label", "answer", "refusal", "category")
+OPTIONAL_FIELDS = ("input", "label", "answer", "refusal", "category", "options", "tests",
+                   "entry_point", "framing", "system")
 
 
 class DataError(UserError, ValueError):

@@ -7,15 +7,17 @@ separately and concatenates the ids, so the label boundary is exact and the prom
 ones generation starts from.
 
 alpaca  git-disl's Alpaca template as the Booster and Antidote code trains it ("### Response:\\n").
-        The input block appears only when the record has an "input". Prompt tokenized with the
-        tokenizer's special tokens (BOS where it adds one); the answer ends with the EOS token.
+        The input block appears only when the record has an "input"; a record's own "system"
+        text comes first, followed by a blank line. Prompt tokenized with the tokenizer's special
+        tokens (BOS where it adds one); the answer ends with the EOS token.
 alpaca_no_newline
         the same text ending at "### Response:" (no newline), as the Vaccine and Lisa code (and
         Stanford Alpaca) train and evaluate.
 chat    `tokenizer.apply_chat_template([system?, user], add_generation_prompt=True)`; the user
         turn is the prompt, then a blank line and the input when there is one. The answer ends with
         the template's end-of-turn marker (ChatML: <|im_end|>), found by rendering a conversation
-        with a sentinel answer and taking what the template writes after it.
+        with a sentinel answer and taking what the template writes after it. A record's own
+        "system" text replaces the template's system prompt.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class AlpacaTemplate:
             text = ALPACA_PROMPT_INPUT.format(instruction=record["prompt"], input=inp)
         else:
             text = ALPACA_PROMPT_NO_INPUT.format(instruction=record["prompt"])
+        if record.get("system"):
+            text = f"{record['system']}\n\n{text}"
         return text if self.newline else text.removesuffix("\n")
 
     def end(self, tokenizer: Any) -> str:
@@ -77,8 +81,9 @@ class ChatTemplate:
     name: str = "chat"
     add_special_tokens: bool = False  # the chat template writes any BOS itself
 
-    def _messages(self, user: str) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+    def _messages(self, user: str, system: str | None = None) -> list[dict[str, str]]:
+        system = system or self.system_prompt
+        head = [{"role": "system", "content": system}] if system else []
         return head + [{"role": "user", "content": user}]
 
     def _check(self, tokenizer: Any) -> None:
@@ -89,8 +94,8 @@ class ChatTemplate:
         self._check(tokenizer)
         inp = record.get("input") or ""
         user = f"{record['prompt']}\n\n{inp}" if inp.strip() else record["prompt"]
-        return tokenizer.apply_chat_template(self._messages(user), add_generation_prompt=True,
-                                             tokenize=False)
+        return tokenizer.apply_chat_template(self._messages(user, record.get("system")),
+                                             add_generation_prompt=True, tokenize=False)
 
     def end(self, tokenizer: Any) -> str:
         self._check(tokenizer)
