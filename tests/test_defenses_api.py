@@ -144,3 +144,23 @@ def test_the_docs_table_lists_every_registered_defense_with_its_stage_level_and_
         assert (stage, level) == (spec.stage, spec.level), name
         if spec.cost is not None and spec.level == "gradient":
             assert cost.startswith(str(spec.cost)), (name, cost, spec.cost)
+
+
+def test_a_data_defense_registered_for_two_stages_is_offered_at_both_and_a_gradient_one_is_not(
+        monkeypatch):
+    from hfjax.defenses import api as defenses_api
+
+    monkeypatch.setattr(defenses_api, "_REGISTRY", dict(defenses_api._REGISTRY))
+
+    @defenses_api.register("two_stage_mix", stage=("finetune", "alignment"), level="data")
+    def two_stage_mix():
+        return lambda records: records
+
+    spec = defenses_api.get("two_stage_mix")
+    assert spec.stage == "finetune" and spec.stages == ("finetune", "alignment")
+    assert "two_stage_mix" in defenses_api.available("alignment")
+    assert "two_stage_mix" in defenses_api.available("finetune")
+    assert "two_stage_mix" not in defenses_api.available("post")
+    with pytest.raises(defenses_api.DefenseError, match="only a data defense"):
+        defenses_api.register("two_stage_grad", stage=("finetune", "alignment"),
+                              level="gradient")(lambda: None)

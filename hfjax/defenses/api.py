@@ -175,6 +175,12 @@ class DefenseSpec:
     batches: tuple[str, ...]
     paper: str
     options: Callable[..., StepOptions] | None = None
+    other_stages: tuple[str, ...] = ()  # a data defense usable at more than one stage
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Every stage the defense may be chosen for, its home `stage` first."""
+        return (self.stage, *self.other_stages)
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -212,22 +218,26 @@ class DefenseSpec:
 _REGISTRY: dict[str, DefenseSpec] = {}
 
 
-def register(name: str, *, stage: str, level: str, cost: Cost | None = None,
+def register(name: str, *, stage: str | tuple[str, ...], level: str, cost: Cost | None = None,
              batches: tuple[str, ...] = (), paper: str = "",
              options: Callable[..., StepOptions] | None = None):
     """Decorator registering a defense factory under `name`.
 
-    `options(**hyperparameters) -> StepOptions` states what the train step must do for it
-    (default: the plain step on "user").
+    `stage`: its stage, or a tuple of stages for a data defense that applies at several (the
+    first is its home stage, the one `--defense NAME` picks). `options(**hyperparameters) ->
+    StepOptions` states what the train step must do for it (default: the plain step on "user").
     """
-    if stage not in STAGES or level not in LEVELS:
+    stages = (stage,) if isinstance(stage, str) else tuple(stage)
+    if not stages or any(s not in STAGES for s in stages) or level not in LEVELS:
         raise DefenseError(f"bad stage/level {stage!r}/{level!r}; stages {STAGES}, levels {LEVELS}")
+    if len(stages) > 1 and level != "data":
+        raise DefenseError(f"{name}: only a data defense may be registered for several stages")
 
     def wrap(factory):
         if name in _REGISTRY:
             raise DefenseError(f"defense {name!r} is registered twice")
-        _REGISTRY[name] = DefenseSpec(name, stage, level, factory, cost, tuple(batches), paper,
-                                      options)
+        _REGISTRY[name] = DefenseSpec(name, stages[0], level, factory, cost, tuple(batches),
+                                      paper, options, stages[1:])
         return factory
 
     return wrap
@@ -240,7 +250,7 @@ def get(name: str) -> DefenseSpec:
 
 
 def available(stage: str | None = None) -> list[str]:
-    return sorted(n for n, s in _REGISTRY.items() if stage is None or s.stage == stage)
+    return sorted(n for n, s in _REGISTRY.items() if stage is None or stage in s.stages)
 
 
 def step_options(name: str | DefenseSpec, **hparams) -> StepOptions:

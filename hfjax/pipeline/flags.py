@@ -380,7 +380,7 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
         chosen = parse_defenses(getattr(cfg, flag), getattr(cfg, f"{flag}_hparams"), flag)
         for choice in chosen:
             spec = choice.spec
-            if spec.stage != want:
+            if want not in spec.stages:
                 raise ConfigError(f"--{flag}={choice.name}: {choice.name} is a {spec.stage} "
                                   f"defense, not a {want} one (defenses for {want}: "
                                   f"{defenses_api.available(want)})")
