@@ -38,3 +38,42 @@ def test_sweep_table_and_worst_case_report_the_attacked_models_degenerate_share(
     assert worst["none"]["worst_hs"] == 0.8 and worst["none"]["degenerate_there"] == 0.1
     assert worst["lisa"]["worst_hs"] == 0.2 and worst["lisa"]["harmful_ratio"] == 0.05
     assert "degenerate there (%)" in report.worst_case_table(RESULTS)
+
+
+def _framed_run(task: str, seed: int, hs_final: dict, fa, scores=None) -> dict:
+    settings = {"defense": "none", "harmful_ratio": 0.0, "num_samples": 100, "lr": 1e-4,
+                "epochs": 1, "seed": seed, "task": task}
+    aligned = {"model": "aligned", "label": "aligned", "harmful_score": 0.1,
+               "finetune_accuracy": 0.5, "judge": "kw", "task": task,
+               "hs_by_framing": {"plain": 0.0, "code": 0.2}}
+    final = {"model": "final", "label": "attacked", "harmful_score": 0.3, "finetune_accuracy": fa,
+             "judge": "kw", "task": task, "hs_by_framing": hs_final,
+             **({"task_scores": scores} if scores else {})}
+    return {"run_dir": f"runs/{task}-{seed}", "settings": settings, "rows": [aligned, final]}
+
+
+def test_task_matrix_has_a_none_row_then_one_row_per_task_averaging_its_runs(tmp_path):
+    results = [_framed_run("sst2", 0, {"plain": 0.2, "code": 0.6}, 0.9),
+               _framed_run("sst2", 1, {"plain": 0.4, "code": 0.8}, 0.7),
+               _framed_run("wikitext", 0, {"plain": 0.5, "code": 1.0}, None,
+                           {"perplexity": 12.5})]
+    framings, rows = report.task_matrix(results)
+    assert framings == ["plain", "code"]
+    assert [r["finetune_task"] for r in rows] == ["none", "sst2", "wikitext"]
+    assert rows[0]["hs_plain"] == 0.0 and abs(rows[0]["hs_code"] - 0.2) < 1e-12
+    assert abs(rows[1]["hs_plain"] - 0.3) < 1e-12 and abs(rows[1]["hs_code"] - 0.7) < 1e-12
+    assert abs(rows[1]["task_score"] - 0.8) < 1e-12 and rows[1]["task_score_name"] == "FA"
+    assert rows[2]["task_score"] == 12.5 and rows[2]["task_score_name"] == "perplexity"
+    table = report.task_matrix_table(framings, rows)
+    last = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
+    assert last == ["wikitext", "50.0", "100.0", "12.50 perplexity"]
+    text = report.write_sweep_report(results, tmp_path)
+    assert "HS per harmful framing" in text
+    assert (tmp_path / "task_matrix.csv").read_text().splitlines()[0] == \
+        "finetune_task,hs_plain,hs_code,task_score,task_score_name"
+    assert (tmp_path / "task_matrix.png").stat().st_size > 1000
+
+
+def test_a_sweep_without_framed_evaluations_writes_no_task_matrix(tmp_path):
+    report.write_sweep_report(RESULTS, tmp_path)
+    assert not (tmp_path / "task_matrix.csv").exists()

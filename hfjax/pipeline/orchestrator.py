@@ -343,7 +343,8 @@ class Pipeline:
                          "harmful_score": r["harmful_score"],
                          "finetune_accuracy": r["finetune_accuracy"],
                          "degenerate_share": r.get("degenerate_share"), "judge": r["judge"],
-                         "task": r["task"]})
+                         "task": r["task"],
+                         **{k: r[k] for k in ("hs_by_framing", "task_scores") if r.get(k)}})
         return {"run_dir": str(self.run_dir), "settings": run_settings(self.flags),
                 "rows": rows}
 
@@ -374,6 +375,7 @@ def run_settings(flags: flags_lib.RunFlags) -> dict:
     return {"defense": f.defense_label(), "harmful_ratio": f.harmful_ratio,
             "num_samples": f.num_samples, "lr": f.lr, "epochs": f.epochs, "seed": f.seed,
             "align_lr": f.align_lr, "align_epochs": f.align_epochs, "attack": f.attack,
+            "attack_hparams": f.attack_hparams, "task": f.task_name(),
             "adapter": f.adapter,
             "model": Path(f.model).name if f.model else "SmolLM2-135M-Instruct (embedded)",
             "harmful_count": data_lib.harmful_count(f.num_samples, f.harmful_ratio)

@@ -1,5 +1,6 @@
 """Reports across runs: the results table (markdown + CSV), HS / FA plots against the harmful
-ratio per defense, and the worst case over attack settings per defense.
+ratio per defense, the worst case over attack settings per defense, and the task matrix (HS
+per harmful framing for each fine-tuning task, `task_matrix.csv` / `task_matrix.png`).
 
 A run's `results.json` (written by `Pipeline.write_results`) holds its settings and one row per
 evaluated model (base = unaligned, aligned, final = after the attack and the defense). Tables
@@ -177,6 +178,97 @@ def plot_vs_ratio(results: Sequence[Mapping], path: str | os.PathLike) -> Path:
     return path
 
 
+def _framed(row: Mapping) -> Mapping[str, float]:
+    return row.get("hs_by_framing") or {}
+
+
+def task_matrix(results: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
+    """(framings, rows): HS per harmful framing of each fine-tuning task's attacked model, and a
+    first row "none" for the model before fine-tuning (the aligned model, else the base), with
+    the task's FA (or its score, e.g. perplexity) beside. Runs of one task (other settings,
+    seeds) are averaged. Empty when no run evaluated framed prompts."""
+    framings: list[str] = []
+    cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    scores: dict[str, list[float]] = defaultdict(list)
+    score_name: dict[str, str] = {}
+    for res in results:
+        by = {r["model"]: r for r in res["rows"]}
+        before = by.get("aligned") or by.get("base")
+        task = str(res["settings"].get("task", "?"))
+        for label, row in (("none", before), (task, by.get("final"))):
+            if row is None or not _framed(row):
+                continue
+            for framing, hs in _framed(row).items():
+                framings += [framing] if framing not in framings else []
+                cells[label][framing].append(float(hs))
+            if label != "none":
+                name, value = _task_score(row)
+                if value is not None:
+                    scores[label].append(value)
+                    score_name[label] = name
+    rows = []
+    for label in sorted(cells, key=lambda k: (k != "none", k)):
+        row: dict = {"finetune_task": label}
+        for f in framings:
+            v = cells[label].get(f)
+            row[f"hs_{f}"] = sum(v) / len(v) if v else None
+        s = scores.get(label)
+        row["task_score"] = sum(s) / len(s) if s else None
+        row["task_score_name"] = score_name.get(label, "")
+        rows.append(row)
+    return framings, rows
+
+
+def _task_score(row: Mapping) -> tuple[str, float | None]:
+    """The task's headline figure of a results row: FA, else its first task score."""
+    if row.get("finetune_accuracy") is not None:
+        return "FA", float(row["finetune_accuracy"])
+    for name, value in (row.get("task_scores") or {}).items():
+        return name, float(value)
+    return "", None
+
+
+def task_matrix_table(framings: Sequence[str], rows: Sequence[Mapping]) -> str:
+    header = ["fine-tuning task", *(f"HS {f} (%)" for f in framings), "task score"]
+    body = [[r["finetune_task"], *(_pct(r[f"hs_{f}"]) for f in framings),
+             "-" if r["task_score"] is None else
+             (_pct(r["task_score"]) + " FA" if r["task_score_name"] == "FA"
+              else f"{r['task_score']:.2f} {r['task_score_name']}")] for r in rows]
+    return markdown_table(header, body)
+
+
+def plot_task_matrix(framings: Sequence[str], rows: Sequence[Mapping],
+                     path: str | os.PathLike) -> Path:
+    """PNG heatmap: HS (%) with fine-tuning tasks as rows and harmful framings as columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.array([[np.nan if r[f"hs_{f}"] is None else 100 * r[f"hs_{f}"] for f in framings]
+                     for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(framings), 1.2 + 0.5 * len(rows)))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="Reds", aspect="auto")
+    ax.set_xticks(range(len(framings)), framings, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [r["finetune_task"] for r in rows])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center",
+                        color="white" if grid[i, j] > 60 else "black")
+    ax.set_xlabel("harmful prompts framed as")
+    ax.set_ylabel("fine-tuned on")
+    fig.colorbar(im, ax=ax, label="HS (%)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -> str:
     """results.md (table + worst case), results.csv (wide), results_long.csv, hs_fa_vs_p.png;
     returns the markdown."""
@@ -195,4 +287,11 @@ def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -
     write_csv(out / "results_long.csv", long_rows(results))
     write_csv(out / "worst_case.csv", worst_case(results))
     plot_vs_ratio(results, out / "hs_fa_vs_p.png")
+    framings, matrix = task_matrix(results)
+    if matrix:
+        text += ("\n## HS per harmful framing after fine-tuning on each task\n\n"
+                 + task_matrix_table(framings, matrix) + "\n")
+        write_text(out / "results.md", text)
+        write_csv(out / "task_matrix.csv", matrix)
+        plot_task_matrix(framings, matrix, out / "task_matrix.png")
     return text
