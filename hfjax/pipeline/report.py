@@ -17,6 +17,7 @@ import io
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from math import nan
 from pathlib import Path
 
 from hfjax.eval.report import atomic_open, markdown_table
@@ -158,7 +159,8 @@ def plot_vs_ratio(results: Sequence[Mapping], path: str | os.PathLike) -> Path:
         ax = axes[i]
         for defense, by_p in sorted(groups.items()):
             ps = sorted(by_p)
-            vals = [[100 * v[metric] for v in by_p[p]] for p in ps]
+            vals = [[100 * v[metric] for v in by_p[p] if v[metric] is not None] or [nan]
+                    for p in ps]  # FA is None for a task scored otherwise (perplexity)
             mean = [sum(v) / len(v) for v in vals]
             ax.plot(ps, mean, marker="o", label=defense)
             if any(len(v) > 1 for v in vals):
