@@ -346,20 +346,25 @@ DEFENSE_STAGES = [
     ("finetune_defense", "lisa", ["align", "finetune"]),
     ("finetune_defense", "safe_instr", ["align", "finetune"]),
     ("finetune_defense", "safe_instr_mix", ["align", "finetune"]),
+    ("finetune_defense", "multitask_safety", ["align", "finetune"]),
+    ("align_defense", "multitask_safety", ["align"]),
     ("repair_defense", "safelora", ["align", "finetune", "repair"]),
     ("repair_defense", "antidote", ["align", "finetune", "repair"]),
 ]
 
 
-def test_the_defense_stage_cases_cover_every_registered_defense():
-    assert sorted(d for _, d, _ in DEFENSE_STAGES) == sorted(
-        defenses.available())
+def test_the_defense_stage_cases_cover_every_registered_defense_at_each_of_its_stages():
+    stage_of = {"align_defense": "alignment", "finetune_defense": "finetune",
+                "repair_defense": "post"}
+    assert sorted((stage_of[f], d) for f, d, _ in DEFENSE_STAGES) == sorted(
+        (s, d) for d in defenses.available() for s in defenses.get(d).stages)
 
 
 @pytest.mark.parametrize("flag, defense, stages", DEFENSE_STAGES)
 def test_every_registered_defense_runs_its_stage_through_the_pipeline(setup, tmp_path, flag,
                                                                       defense, stages):
-    hp = {"safe_instr_mix": {"finetune_defense_hparams": "guide_data_num=4"}}.get(defense, {})
+    hp = {"safe_instr_mix": {"finetune_defense_hparams": "guide_data_num=4"},
+          "multitask_safety": {f"{flag}_hparams": "num=5"}}.get(defense, {})
     run = tmp_path / defense
     Pipeline(_config(setup, run, **{flag: defense}, **hp)).run(stages)
     for stage in stages:
