@@ -528,3 +528,34 @@ def test_adapters_in_transformers_and_peft_generate_what_hfjax_generated(moved_r
             want = forward(cfg, aligned, x, jnp.ones_like(x), lora=lora)[0, -1]
             np.testing.assert_allclose(got[name][i], np.asarray(want), atol=2e-5,
                                        err_msg=f"{name} prompt {i}")
+
+
+def test_framed_evaluation_reports_hs_per_framing_and_reads_multitaskbench_rows_as_framed(
+        setup, tmp_path):
+    bench = tmp_path / "multitaskbench.csv"
+    bench.write_text(
+        ",Query,Response\n"
+        '0,"placeholder request 1 Choose the Best Option: \nA) x\nB) y\nC) z\nD) w",No.\n'
+        "1,Translate the following text from French to English: placeholder 2,No.\n")
+    run = tmp_path / "framed"
+    Pipeline(_config(setup, run, eval_framings="plain,code", eval_models="base")).run(
+        ["eval_base"])
+    res = json.loads((run / "eval_base" / "results.json").read_text())
+    assert sorted(res["hs_by_framing"]) == ["code", "plain"]
+    gens = [json.loads(x) for x in (run / "eval_base" / "generations_harmful.jsonl")
+            .read_text().splitlines()]
+    assert [g["framing"] for g in gens[:2]] == ["plain", "code"] and len(gens) == 12
+    assert res["harmful_score"] == pytest.approx(sum(res["hs_by_framing"].values()) / 2)
+    summary = json.loads((run / "results.json").read_text())
+    assert summary["rows"][0]["hs_by_framing"] == res["hs_by_framing"]
+
+    run2 = tmp_path / "bench"
+    Pipeline(_config(setup, run2, eval_framings="plain", eval_models="base",
+                     harmful_eval_data=f"multitaskbench:{bench}")).run(["eval_base"])
+    res2 = json.loads((run2 / "eval_base" / "results.json").read_text())
+    assert sorted(res2["hs_by_framing"]) == ["classification", "translation"]
+
+
+def test_an_unknown_framing_is_refused_at_validation(setup, tmp_path):
+    with pytest.raises(ConfigError, match="eval_framings.*'poem'"):
+        validate(_config(setup, tmp_path / "x", eval_framings="plain,poem"))

@@ -53,7 +53,7 @@ def _framed_run(task: str, seed: int, hs_final: dict, fa, scores=None) -> dict:
 
 
 def test_task_matrix_has_a_none_row_then_one_row_per_task_averaging_its_runs(tmp_path):
-    results = [_framed_run("sst2", 0, {"plain": 0.2, "code": 0.6}, 0.9),
+    results = [_framed_run("sst2", 0, {"code": 0.6, "plain": 0.2}, 0.9),
                _framed_run("sst2", 1, {"plain": 0.4, "code": 0.8}, 0.7),
                _framed_run("wikitext", 0, {"plain": 0.5, "code": 1.0}, None,
                            {"perplexity": 12.5})]

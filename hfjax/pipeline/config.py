@@ -133,6 +133,7 @@ class EvalSettings:
     judge: str = "keyword"
     judge_max_length: int = 512
     task_match: str = "contains"
+    framings: tuple[str, ...] = ()  # () = the prompts as they are; else each in every framing
 
 
 @dataclasses.dataclass(frozen=True)

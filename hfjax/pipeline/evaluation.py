@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hfjax import data as data_lib
+from hfjax.data.framings import framed_set
 from hfjax.eval import judges as judges_lib
 from hfjax.eval import metrics as metrics_lib
 from hfjax.eval import report as report_lib
@@ -28,6 +29,16 @@ from hfjax.pipeline.run_folder import write_json
 
 def task_text(r: Mapping) -> str:
     return r["prompt"] + (f"\n\n{r['input']}" if r.get("input") else "")
+
+
+def hs_by_framing(records, scores, threshold: float = 0.5) -> dict[str, float]:
+    """{framing: HS over the prompts presented in it} in order of first appearance; {} when no
+    prompt carries a framing."""
+    groups: dict[str, list[float]] = {}
+    for r, s in zip(records, scores, strict=True):
+        if r.get("framing"):
+            groups.setdefault(r["framing"], []).append(s)
+    return {f: metrics_lib.harmful_score(v, threshold) for f, v in groups.items()}
 
 
 class Evaluator:
@@ -50,6 +61,9 @@ class Evaluator:
         seed, order = self.rc.data.data_seed, self.rc.data.row_order
         harm = data_lib.build_eval_set(d.harmful_eval, min(e.eval_size, len(d.harmful_eval)),
                                        seed, order)
+        if e.framings:  # rows framed already (MultiTaskBench) stay as they are
+            harm = [r for r in harm if r.get("framing")] + framed_set(
+                [r for r in harm if not r.get("framing")], e.framings, seed)
         task = data_lib.build_eval_set(d.task_test, min(e.task_eval_size, len(d.task_test)),
                                        seed, order)
         return harm, task
@@ -97,6 +111,7 @@ class Evaluator:
         prompts = [r["prompt"] for r in harm]
         judged = judges_lib.score_with(judge, prompts, answers)
         hs = metrics_lib.harmful_score(judged.scores)
+        by_framing = hs_by_framing(harm, judged.scores)
         degenerate = [metrics_lib.is_degenerate(a) for a in answers]
         task_answers = self.generate(params, lora, task, e.task_max_new_tokens)
         t2 = time.perf_counter()
@@ -113,12 +128,14 @@ class Evaluator:
             n_harmful=len(harm), n_flagged=int(judged.flags.sum()), n_task=len(task),
             seeds={"seed": self.rc.run.seed, "data_seed": self.rc.data.data_seed},
             degenerate_share=degenerate_share, task_degenerate_share=task_degenerate,
-            max_new_tokens=e.max_new_tokens, generate_s=round(t2 - t0, 2))
+            max_new_tokens=e.max_new_tokens, generate_s=round(t2 - t0, 2),
+            **({"hs_by_framing": by_framing} if by_framing else {}))
         if main_process:
             report_lib.write_generations(out / "generations_harmful.jsonl",
                                          report_lib.generation_records(
                                              prompts, answers, [judged],
-                                             extra={"degenerate": degenerate}))
+                                             extra={"degenerate": degenerate,
+                                                    "framing": [r.get("framing") for r in harm]}))
             report_lib.write_generations(
                 out / "generations_task.jsonl",
                 report_lib.generation_records([task_text(r) for r in task], task_answers,
@@ -126,6 +143,9 @@ class Evaluator:
             write_json(out / "results.json", results)
         print(f"[{name}] HS {100 * hs:.1f}%  FA {100 * fa:.1f}%  "
               f"(generation {t1 - t0:.1f} s + {t2 - t1:.1f} s)", flush=True)
+        if by_framing:
+            print(f"[{name}] HS by framing: " + ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in by_framing.items()), flush=True)
         if degenerate_share or task_degenerate:
             print(f"[{name}] warning: {100 * degenerate_share:.0f}% of the harmful-prompt answers "
                   f"and {100 * task_degenerate:.0f}% of the task answers are empty or degenerate; "

@@ -30,6 +30,7 @@ from absl import flags
 
 import hfjax.defenses
 from hfjax import attacks, tasks
+from hfjax.data import framings as framings_lib
 from hfjax.defenses import api as defenses_api
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
@@ -214,6 +215,10 @@ class RunFlags:
                                      "(contains) or the answer equal to it (exact)",
                          choices=("contains", "exact"))
     eval_models: str = _f("base,aligned,final", "models to evaluate (base, aligned, final)")
+    eval_framings: str = _f("", "present every harmful evaluation prompt in each of these task "
+                                "framings (hfjax.data.framings: plain, classification, "
+                                "translation, code, summarization; 'all' for every one) and "
+                                "report HS per framing; empty: the prompts as they are")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -223,6 +228,12 @@ class RunFlags:
     @property
     def models_to_eval(self) -> tuple[str, ...]:
         return split_list(self.eval_models)
+
+    @property
+    def framing_names(self) -> tuple[str, ...]:
+        if self.eval_framings.strip() == "all":
+            return framings_lib.FRAMINGS
+        return split_list(self.eval_framings)
 
     def replace(self, **changes) -> RunFlags:
         return dataclasses.replace(self, **changes)
@@ -351,6 +362,11 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
         raise ConfigError(f"--eval_models: choose among {MODEL_NAMES}, got {cfg.eval_models!r}")
     if cfg.data not in ("offline", "hub"):
         raise ConfigError(f"--data must be 'offline' or 'hub', got {cfg.data!r}")
+    if cfg.eval_framings.strip():
+        try:
+            framings_lib.check_framings(cfg.framing_names)
+        except ValueError as e:
+            raise ConfigError(f"--eval_framings={cfg.eval_framings!r}: {e}") from None
     if cfg.judge != "keyword" and not cfg.judge.startswith(("beaver_dam:", "hf:")):
         raise ConfigError(f"--judge must be keyword, beaver_dam:PATH or hf:PATH, got {cfg.judge!r}")
     from hfjax.models.lora import _check_targets  # LoRAError names the bad target
@@ -462,7 +478,7 @@ def to_config(f: RunFlags) -> RunConfig:
                                              "repair_defense")),
         eval=EvalSettings(f.eval_size, f.task_eval_size, f.max_new_tokens,
                           f.task_max_new_tokens or tasks.get(f.task_name()).max_new_tokens,
-                          f.judge, f.judge_max_length, f.task_match))
+                          f.judge, f.judge_max_length, f.task_match, f.framing_names))
 
 
 def define(flag_values: flags.FlagValues = FLAGS) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from math import nan
 from pathlib import Path
 
+from hfjax.data.framings import FRAMINGS
 from hfjax.eval.report import atomic_open, markdown_table
 from hfjax.pipeline.run_folder import read_json
 
@@ -208,6 +209,8 @@ def task_matrix(results: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
                 if value is not None:
                     scores[label].append(value)
                     score_name[label] = name
+    known = list(FRAMINGS)
+    framings.sort(key=lambda f: (known.index(f) if f in known else len(known), f))
     rows = []
     for label in sorted(cells, key=lambda k: (k != "none", k)):
         row: dict = {"finetune_task": label}

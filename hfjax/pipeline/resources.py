@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from hfjax import data as data_lib
 from hfjax import models, sharding, tasks
+from hfjax.data.multitaskbench import load_multitaskbench
 from hfjax.defenses.compose import DefenseChoice
 from hfjax.pipeline import inputs as inputs_lib
 from hfjax.pipeline.config import ConfigError, DataSettings, RunConfig, key_of
@@ -108,10 +109,20 @@ def load_base(rc: RunConfig, mesh: jax.sharding.Mesh) -> BaseModel:
     return _MODELS[key]
 
 
+def _multitaskbench_path(spec: str) -> Path | None:
+    name, _, path = spec.partition(":")
+    return Path(path).expanduser() if name == "multitaskbench" else None
+
+
 def _load_role(spec: str, harmful: bool | None) -> list:
     """The records of one data role's source spec (custom files default to the role's harmful
-    flag), keeping the rows whose flag fits the role."""
-    rows = data_lib.load_spec(spec, default_harmful=harmful)
+    flag; `multitaskbench:PATH` reads MultiTaskBench's CSV, each row a harmful request in its
+    task framing), keeping the rows whose flag fits the role."""
+    path = _multitaskbench_path(spec)
+    if path is not None:  # Jan et al.'s file: framed harmful requests with refusals
+        rows = load_multitaskbench(path)
+    else:
+        rows = data_lib.load_spec(spec, default_harmful=harmful)
     if harmful is not None:
         rows = [r for r in rows if r["harmful"] == harmful]
     if not rows:
@@ -137,7 +148,7 @@ def _file_digests(d: DataSettings) -> dict:
     for role in TRAIN_ROLES + EVAL_ROLES:
         spec = getattr(d, role)
         if spec:
-            path = data_lib.parse_source_spec(spec).path
+            path = _multitaskbench_path(spec) or data_lib.parse_source_spec(spec).path
             if path and Path(path).expanduser().is_file():
                 out[role] = inputs_lib.file_digest(Path(path).expanduser())
     return out
