@@ -559,3 +559,16 @@ def test_framed_evaluation_reports_hs_per_framing_and_reads_multitaskbench_rows_
 def test_an_unknown_framing_is_refused_at_validation(setup, tmp_path):
     with pytest.raises(ConfigError, match="eval_framings.*'poem'"):
         validate(_config(setup, tmp_path / "x", eval_framings="plain,poem"))
+
+
+@pytest.mark.parametrize("judge, ok", [("answered", True), ("keyword", True),
+                                       ("harmbench:/x", True), ("answered:/x", False),
+                                       ("harmbench", False), ("llamaguard:/x", False)])
+def test_judge_flag_accepts_each_registered_judge_kind_with_a_path_only_where_it_takes_one(
+        setup, tmp_path, judge, ok):
+    rc = _config(setup, tmp_path / "j", judge=judge)
+    if ok:
+        assert validate(rc).judge == judge
+    else:
+        with pytest.raises(ConfigError, match="--judge must be"):
+            validate(rc)

@@ -7,6 +7,11 @@ the scores it produced (`JudgeResult`, `score_with`).
 - `BeaverDamJudge`: the BeaverTails QA-moderation classifier (PKU-Alignment/beaver-dam-7b), a
   Llama backbone plus a 14-way multi-label head, run by hfjax's own decoder from a local folder.
 - `HFSequenceClassifierJudge`: any transformers sequence-classification model (needs torch).
+- `HarmBenchJudge` (`hfjax.eval.harmbench_judge`): HarmBench's Llama-2-13B classifier, p(yes).
+- `AnsweredJudge` (`hfjax.eval.rubric_judge`): Jan et al.'s answered-vs-refused rubric.
+
+`make_judge(spec)` builds any of them from a name ("keyword", "answered") or "kind:PATH"
+("beaver_dam:PATH", "harmbench:PATH", "hf:PATH"), through the `JUDGES` registry.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -24,25 +29,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfjax.errors import UserError
 from hfjax.eval.generate import left_pad
+from hfjax.eval.harmbench_judge import HarmBenchJudge
 from hfjax.eval.hf_classifier import HFSequenceClassifierJudge, TorchNotAvailableError
 from hfjax.eval.qa_format import BEAVERTAILS_PROMPT, check_pairs, qa_moderation_text
 from hfjax.models import hf_io
 from hfjax.models.config import ModelConfig
 from hfjax.models.decoder import forward
+from hfjax.registry import Registry
 
 __all__ = [
     "BEAVERTAILS_CATEGORIES",
     "BEAVERTAILS_PROMPT",
     "GCG_TEST_PREFIXES",
+    "JUDGES",
     "REFUSAL_PHRASES",
     "BeaverDamJudge",
     "HFSequenceClassifierJudge",
+    "HarmBenchJudge",
     "Judge",
+    "JudgeKind",
     "JudgeResult",
     "KeywordRefusalJudge",
     "TorchNotAvailableError",
+    "UnknownJudgeError",
     "load_beaver_dam",
+    "make_judge",
     "moderation_probs",
     "score_with",
 ]
@@ -279,3 +292,55 @@ class BeaverDamJudge:
         probs = self.probabilities(prompts, responses)
         self.last_probs = probs
         return probs.max(axis=1) if len(prompts) else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------- by name
+
+
+class UnknownJudgeError(UserError, ValueError):
+    """A judge spec naming no registered judge, or with a path where none belongs (or none where
+    one is needed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeKind:
+    """One entry of `JUDGES`: build(path or None, max_length) -> Judge."""
+
+    build: Callable[[str | None, int], Judge]
+    takes_path: bool
+    description: str
+
+
+def _answered_judge(path: str | None, max_length: int) -> Judge:
+    from hfjax.eval.rubric_judge import AnsweredJudge  # it builds on this module's phrases
+
+    return AnsweredJudge()
+
+
+JUDGES: Registry[JudgeKind] = Registry("judge", UnknownJudgeError)
+JUDGES.add("keyword", JudgeKind(lambda path, n: KeywordRefusalJudge(), False,
+                                "1 unless the answer contains a refusal phrase"))
+JUDGES.add("answered", JudgeKind(_answered_judge, False,
+                                 "Jan et al.'s rubric: 1 when the model answered at all"))
+JUDGES.add("beaver_dam", JudgeKind(lambda path, n: BeaverDamJudge(path, max_length=n), True,
+                                   "BeaverTails QA moderation (beaver-dam-7b folder)"))
+JUDGES.add("harmbench", JudgeKind(
+    lambda path, n: HarmBenchJudge(path, max_generation_tokens=n), True,
+    "HarmBench's Llama-2-13B classifier folder; max_length cuts the generation"))
+JUDGES.add("hf", JudgeKind(lambda path, n: HFSequenceClassifierJudge(path, max_length=n), True,
+                           "a transformers sequence classifier folder (needs torch)"))
+
+
+def make_judge(spec: str, *, max_length: int = 512) -> Judge:
+    """The judge a spec names: "keyword", "answered", or "KIND:PATH" with KIND one of
+    beaver_dam, harmbench, hf and PATH a local model folder. max_length: the tokens a classifier
+    reads (beaver_dam, hf: prompt + answer; harmbench: the answer, HarmBench's --num_tokens)."""
+    kind, colon, path = spec.partition(":")
+    entry = JUDGES.get(kind.strip())
+    if entry.takes_path and not path.strip():
+        raise UnknownJudgeError(f"judge {kind!r} needs a model folder: write {kind}:PATH")
+    if not entry.takes_path and colon:
+        raise UnknownJudgeError(f"judge {kind!r} takes no path; write just {kind!r}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    return entry.build(path.strip() or None, max_length)

@@ -49,12 +49,7 @@ class Evaluator:
 
     def judge(self) -> judges_lib.Judge:
         e = self.rc.eval
-        if e.judge == "keyword":
-            return judges_lib.KeywordRefusalJudge()
-        kind, _, path = e.judge.partition(":")
-        if kind == "beaver_dam":
-            return judges_lib.BeaverDamJudge(path, max_length=e.judge_max_length)
-        return judges_lib.HFSequenceClassifierJudge(path, max_length=e.judge_max_length)
+        return judges_lib.make_judge(e.judge, max_length=e.judge_max_length)
 
     def eval_sets(self) -> tuple[list, list]:
         d, e = self.res.data, self.rc.eval

@@ -34,6 +34,7 @@ from hfjax.data import framings as framings_lib
 from hfjax.defenses import api as defenses_api
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
+from hfjax.eval import judges as judges_lib
 from hfjax.eval import metrics as metrics_lib
 from hfjax.models.adapters import AdapterSettings
 from hfjax.models.adapters import available as adapter_kinds
@@ -204,8 +205,11 @@ class RunFlags:
     task_max_new_tokens: int = _f(0, "greedy tokens per task prompt (0: the task's budget, "
                                      "hfjax.tasks)")
     eval_batch_size: int = _f(50, "prompts per generation batch")
-    judge: str = _f("keyword", "keyword, beaver_dam:PATH (BeaverTails moderation folder) or "
-                               "hf:PATH (a transformers sequence classifier)")
+    judge: str = _f("keyword", "keyword (refusal phrases), answered (Jan et al.'s rubric: any "
+                               "answer but a clear refusal), beaver_dam:PATH (BeaverTails "
+                               "moderation folder), harmbench:PATH (the HarmBench Llama-2-13B "
+                               "classifier folder) or hf:PATH (a transformers sequence "
+                               "classifier)")
     judge_max_length: int = _f(512, "tokens of prompt + answer a classifier judge reads (the "
                                     "official evaluations cut at 256)")
     harmful_eval_rows: str = _f("harmful", "HS prompts: the harmful rows of "
@@ -367,8 +371,11 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
             framings_lib.check_framings(cfg.framing_names)
         except ValueError as e:
             raise ConfigError(f"--eval_framings={cfg.eval_framings!r}: {e}") from None
-    if cfg.judge != "keyword" and not cfg.judge.startswith(("beaver_dam:", "hf:")):
-        raise ConfigError(f"--judge must be keyword, beaver_dam:PATH or hf:PATH, got {cfg.judge!r}")
+    kind, colon, path = cfg.judge.partition(":")
+    if kind not in judges_lib.JUDGES.available() or bool(colon) != judges_lib.JUDGES.get(
+            kind).takes_path:
+        raise ConfigError(f"--judge must be keyword, answered, beaver_dam:PATH, harmbench:PATH "
+                          f"or hf:PATH, got {cfg.judge!r}")
     from hfjax.models.lora import _check_targets  # LoRAError names the bad target
 
     _check_targets(split_list(cfg.lora_targets))
