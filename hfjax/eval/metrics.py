@@ -1,8 +1,22 @@
-"""Task metrics: fine-tune accuracy (FA) for SST2 / AG News / GSM8K / the offline task, the
-harmful score (HS) over harmful evaluation prompts, and the share of degenerate answers.
+"""Task metrics: fine-tune accuracy (FA), the harmful score (HS) over harmful evaluation
+prompts, and the share of degenerate answers.
 
     FA = (1/N) Σ_i correct(answer_i, gold_i)          HS = (1/N) Σ_i 1[score_i > threshold]
     degenerate share = (1/N) Σ_i degenerate(answer_i)
+
+FA metrics by name (`METRICS`; `DETAILS` gives all of a metric's figures):
+- sst2, agnews / ag_news, offline: the gold label word in the answer (`label_accuracy`);
+- gsm8k: the final number (`math_accuracy`);
+- financial_sentiment: the one label of negative / neutral / positive the answer names;
+- choice: the option the answer picks is the gold letter's (`hfjax.eval.choice`); golds are
+  {"label": letter, "options": [...]} (a record fits);
+- rouge: FA = mean ROUGE-1 F (details: rouge1, rouge2, rougeL); golds are reference texts;
+- translation: FA = corpus BLEU (details: bleu, chrf); golds are reference texts;
+- pass_at_1: the share of answers whose program passes its tests in the sandbox
+  (`hfjax.eval.code_metrics`; details: the count of each status, timeouts included); golds are
+  {"tests", "entry_point", "prefix"}.
+Corpus-level metrics (BLEU, chrF) are computed over the whole list at once: their FA is not a
+mean of per-example scores, so score a task's answers in one call.
 
 A judge scores an empty answer as safe, so a broken model (NaN weights, a collapsed adapter)
 would read as a perfect defense; the degenerate share is reported next to HS to expose it.
@@ -11,16 +25,24 @@ would read as a perfect defense; the degenerate share is reported next to HS to 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 
 import numpy as np
 
+from hfjax.data.records import DataError
+from hfjax.eval import choice, code_metrics, text_metrics
+
 __all__ = [
+    "DETAILS",
     "FINAL_ANSWER_MARKER",
+    "METRICS",
+    "SENTIMENT_LABELS",
     "accuracy",
+    "choice_accuracy",
     "contains_label",
     "degenerate_share",
+    "details",
     "equals_label",
     "extract_final_number",
     "gsm8k_correct",
@@ -29,6 +51,8 @@ __all__ = [
     "label_accuracy",
     "math_accuracy",
     "parse_number",
+    "register_metric",
+    "sentiment_accuracy",
 ]
 
 FINAL_ANSWER_MARKER = "The final answer is:"
@@ -124,27 +148,105 @@ def math_accuracy(answers: Sequence[str], golds: Sequence[str | int | float]) ->
     return _mean([gsm8k_correct(a, g) for a, g in zip(answers, golds, strict=True)])
 
 
-METRICS: dict[str, Callable[[Sequence[str], Sequence, bool], float]] = {
+def choice_accuracy(answers: Sequence[str], golds: Sequence[Mapping]) -> float:
+    """Multiple-choice / true-false accuracy: the answer picks the gold option
+    (`hfjax.eval.choice.choice_correct`); each gold is {"label": letter, "options": [...]}."""
+    return _mean([choice.choice_correct(a, *_choice_gold(g, i))
+                  for i, (a, g) in enumerate(_pairs(answers, golds))])
+
+
+def _choice_gold(gold: Mapping, i: int) -> tuple[str, list[str]]:
+    if not isinstance(gold, Mapping) or "label" not in gold or "options" not in gold:
+        raise DataError(f"choice gold {i} must be a mapping with 'label' and 'options', "
+                        f"got {gold!r}")
+    return gold["label"], gold["options"]
+
+
+def _choice_details(answers: Sequence[str], golds: Sequence[Mapping]) -> dict[str, float]:
+    picked = [choice.choice_index(a, _choice_gold(g, i)[1])
+              for i, (a, g) in enumerate(_pairs(answers, golds))]
+    return {"accuracy": choice_accuracy(answers, golds),
+            "unanswered": _mean([p is None for p in picked])}
+
+
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
+
+
+def sentiment_accuracy(answers: Sequence[str], golds: Sequence[str], exact: bool = False) -> float:
+    """Financial sentiment accuracy: the answer names exactly one of SENTIMENT_LABELS
+    (`hfjax.eval.choice.named_label`), the gold one (`exact`: the answer is the label)."""
+    pairs = _pairs(answers, golds)
+    for i, (_, g) in enumerate(pairs):
+        if not isinstance(g, str) or g.strip().lower() not in SENTIMENT_LABELS:
+            raise DataError(f"sentiment gold {i} is {g!r}, not one of {SENTIMENT_LABELS}")
+    if exact:
+        return _mean([equals_label(a, g.strip()) for a, g in pairs])
+    return _mean([choice.named_label(a, SENTIMENT_LABELS) == g.strip().lower() for a, g in pairs])
+
+
+def _pairs(answers: Sequence[str], golds: Sequence) -> list[tuple[str, object]]:
+    if len(answers) != len(golds):
+        raise ValueError(f"{len(answers)} answers but {len(golds)} golds")
+    return list(zip(answers, golds, strict=True))
+
+
+Metric = Callable[[Sequence[str], Sequence, bool], float]
+Details = Callable[[Sequence[str], Sequence], dict[str, float]]
+
+METRICS: dict[str, Metric] = {
     "sst2": label_accuracy, "agnews": label_accuracy, "ag_news": label_accuracy,
-    "offline": label_accuracy, "gsm8k": lambda answers, golds, exact: math_accuracy(answers, golds)}
-"""FA metrics by name: `(answers, golds, exact) -> accuracy`. A task names one of them."""
+    "offline": label_accuracy, "gsm8k": lambda answers, golds, exact: math_accuracy(answers, golds),
+    "financial_sentiment": sentiment_accuracy,
+    "choice": lambda answers, golds, exact: choice_accuracy(answers, golds),
+    "rouge": lambda answers, golds, exact: text_metrics.rouge(answers, golds)["rouge1"],
+    "translation": lambda answers, golds, exact: text_metrics.bleu_chrf(answers, golds)["bleu"],
+    "pass_at_1": lambda answers, golds, exact: code_metrics.pass_at_1(answers, golds)}
+"""FA metrics by name: `(answers, golds, exact) -> FA in [0, 1]`. A task names one of them;
+`exact` only changes the label tasks."""
 
 
-def register_metric(name: str, fn: Callable[[Sequence[str], Sequence, bool], float]) -> None:
-    """Add an FA metric `fn(answers, golds, exact) -> float in [0, 1]` under `name`."""
+def _label_details(fn: Metric) -> Details:
+    return lambda answers, golds: {"accuracy": fn(answers, golds, False),
+                                   "exact_accuracy": fn(answers, golds, True)}
+
+
+DETAILS: dict[str, Details] = {
+    "sst2": _label_details(label_accuracy), "agnews": _label_details(label_accuracy),
+    "ag_news": _label_details(label_accuracy), "offline": _label_details(label_accuracy),
+    "gsm8k": lambda answers, golds: {"accuracy": math_accuracy(answers, golds)},
+    "financial_sentiment": _label_details(sentiment_accuracy),
+    "choice": _choice_details, "rouge": text_metrics.rouge, "translation": text_metrics.bleu_chrf,
+    "pass_at_1": code_metrics.pass_at_1_details}
+"""All of a metric's figures by name: `(answers, golds) -> {figure: value}`."""
+
+
+def register_metric(name: str, fn: Metric, details: Details | None = None) -> None:
+    """Add an FA metric `fn(answers, golds, exact) -> float in [0, 1]` under `name`, and
+    optionally its `details(answers, golds) -> {figure: value}`."""
     if name.lower() in METRICS:
         raise ValueError(f"metric {name!r} is registered twice")
     METRICS[name.lower()] = fn
+    if details is not None:
+        DETAILS[name.lower()] = details
 
 
 def accuracy(task: str, answers: Sequence[str], golds: Sequence, exact: bool = False) -> float:
-    """Fine-tune accuracy FA with the metric `task` names (sst2, agnews, gsm8k, offline, or a
+    """Fine-tune accuracy FA with the metric `task` names (see the module docstring, or a
     registered one); `exact`: a label task's answer must equal the label (GSM8K always reads
     the final number)."""
     fn = METRICS.get(task.lower())
     if fn is None:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(METRICS)}")
     return fn(answers, golds, exact)
+
+
+def details(name: str, answers: Sequence[str], golds: Sequence) -> dict[str, float]:
+    """All of metric `name`'s figures (`DETAILS`); {"fa": FA} for a metric registered without
+    details."""
+    fn = DETAILS.get(name.lower())
+    if fn is None:
+        return {"fa": accuracy(name, answers, golds)}
+    return fn(answers, golds)
 
 
 def harmful_score(scores: Sequence[float] | np.ndarray, threshold: float = 0.5) -> float:
