@@ -18,7 +18,7 @@ from absl import flags
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hfjax import defenses
+from hfjax import defenses, tasks
 from hfjax.defenses.api import DefenseError
 from hfjax.models import init_random, save_hf
 from hfjax.models.config import from_hf_dict
@@ -572,3 +572,32 @@ def test_judge_flag_accepts_each_registered_judge_kind_with_a_path_only_where_it
     else:
         with pytest.raises(ConfigError, match="--judge must be"):
             validate(rc)
+
+
+@pytest.mark.parametrize("task, figures", [
+    ("arc", {"accuracy"}), ("humaneval", {"pass_at_1", "passed", "failed", "timeout"}),
+    ("wmt14_en_fr", {"bleu", "chrf"}), ("wikitext", {"perplexity"})])
+def test_an_offline_generated_task_of_each_metric_family_is_scored_by_its_own_metric(
+        setup, tmp_path, task, figures):
+    run = tmp_path / task
+    Pipeline(_config(setup, run, data="offline", task=task, task_train_data="",
+                     task_test_data="", eval_models="base", task_max_new_tokens=8)).run(
+        ["eval_base"])
+    res = json.loads((run / "eval_base" / "results.json").read_text())
+    assert figures <= set(res["task_scores"]) and res["task"] == tasks.get(task).metric
+    gens = [json.loads(x) for x in (run / "eval_base" / "generations_task.jsonl")
+            .read_text().splitlines()]
+    assert len(gens) == 6
+    if task == "wikitext":  # a perplexity is no share: FA stays empty
+        assert res["finetune_accuracy"] is None and res["task_scores"]["perplexity"] > 1
+    else:
+        assert 0 <= res["finetune_accuracy"] <= 1
+    if task == "humaneval":  # every program ran in the sandbox and got one status
+        counts = res["task_scores"]
+        assert sum(counts[k] for k in ("passed", "failed", "timeout", "memory", "error")) == 6
+        assert set(gens[0]["gold"]) == {"tests", "entry_point", "prefix"}
+    if task == "arc":
+        assert set(gens[0]["gold"]) == {"label", "options"}
+        assert all(g["correct"] in (0.0, 1.0) for g in gens)
+    if task == "wmt14_en_fr":  # corpus BLEU has no per-example value
+        assert all(g["correct"] is None for g in gens)

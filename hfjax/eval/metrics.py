@@ -210,6 +210,9 @@ def _label_details(fn: Metric) -> Details:
                                    "exact_accuracy": fn(answers, golds, True)}
 
 
+CORPUS_LEVEL = frozenset({"translation"})
+"""Metrics computed over the whole list (corpus BLEU), not as a mean of per-example scores."""
+
 DETAILS: dict[str, Details] = {
     "sst2": _label_details(label_accuracy), "agnews": _label_details(label_accuracy),
     "ag_news": _label_details(label_accuracy), "offline": _label_details(label_accuracy),

@@ -4,6 +4,12 @@ HS, FA and the share of degenerate answers.
     HS = share of harmful-prompt answers the judge flags     FA = the task's accuracy
     degenerate share = answers that are empty, symbol-only or one repeated word (judged safe)
 
+With --eval_framings every harmful prompt is asked in each task framing and HS is also reported
+per framing. The task's metric (`hfjax.tasks`: its `gold(record)` against the answer) gives FA
+and every figure it has ("task_scores": ROUGE-1/2/L, BLEU and chrF, pass@1 with the sandbox's
+status counts); a completion task is scored by the perplexity of its reference responses (FA
+None: a perplexity is not a share).
+
 Prompts are generated in batches sorted by length (less padding) and filed back under their own
 prompt; every evaluation writes generations_harmful.jsonl, generations_task.jsonl and
 results.json into its stage folder.
@@ -19,10 +25,12 @@ import numpy as np
 
 from hfjax import data as data_lib
 from hfjax.data.framings import framed_set
+from hfjax.eval import code_metrics
 from hfjax.eval import judges as judges_lib
 from hfjax.eval import metrics as metrics_lib
 from hfjax.eval import report as report_lib
 from hfjax.eval.generate import greedy_generate
+from hfjax.eval.perplexity import perplexity
 from hfjax.pipeline.resources import Resources
 from hfjax.pipeline.run_folder import write_json
 
@@ -95,6 +103,38 @@ class Evaluator:
                 out[i] = tok.decode(g, skip_special_tokens=True).strip()
         return out
 
+    def perplexity(self, params, lora, records: list) -> float:
+        """Perplexity of the records' reference responses (`hfjax.eval.perplexity`), each row
+        cut to the model's context, not to the training --max_length."""
+        base, d = self.res.base, self.rc.data
+        examples = data_lib.tokenize_records(records, base.tokenizer, d.template,
+                                             base.cfg.max_position_embeddings)
+        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+        return perplexity(base.cfg, params, examples, lora=lora,
+                          batch_size=self.rc.run.eval_batch_size, pad_id=pad)
+
+    def task_scores(self, params, lora, records: list, answers: list[str], golds: list
+                    ) -> tuple[float | None, dict[str, float], list | None]:
+        """(FA, every figure of the task's metric, per-example correctness or score): FA is
+        None for a task scored by perplexity (lower is better, not a share); the per-example
+        column is None for a corpus-level metric (BLEU)."""
+        metric = self.res.data.task_metric
+        if metric == "perplexity":
+            return None, {"perplexity": self.perplexity(params, lora, records)}, None
+        if metric == "pass_at_1":  # the programs run once, in the sandbox
+            runs = code_metrics.run_answers(answers, golds)
+            passed = [r.passed for r in runs]
+            counts = {status: sum(r.status == status for r in runs)
+                      for status in ("passed", "failed", "timeout", "memory", "error")}
+            return float(np.mean(passed)), {"pass_at_1": float(np.mean(passed)), **counts}, passed
+        exact = self.rc.eval.task_match == "exact"
+        fa = metrics_lib.accuracy(metric, answers, golds, exact)
+        scores = metrics_lib.details(metric, answers, golds)
+        if metric in metrics_lib.CORPUS_LEVEL:
+            return fa, scores, None
+        return fa, scores, [metrics_lib.accuracy(metric, [a], [g], exact)
+                            for a, g in zip(answers, golds, strict=True)]
+
     def run(self, out: Path, name: str, params, lora, *, main_process: bool) -> dict:
         """Evaluate one model (params, and its LoRA or None) into stage folder `out`."""
         e, which = self.rc.eval, name.removeprefix("eval_")
@@ -110,12 +150,9 @@ class Evaluator:
         degenerate = [metrics_lib.is_degenerate(a) for a in answers]
         task_answers = self.generate(params, lora, task, e.task_max_new_tokens)
         t2 = time.perf_counter()
-        golds = [r.get("label") or r.get("answer") for r in task]
+        golds = [self.res.data.task.gold(r) for r in task]
+        fa, task_scores, correct = self.task_scores(params, lora, task, task_answers, golds)
         metric = self.res.data.task_metric
-        exact = e.task_match == "exact"
-        correct = [metrics_lib.accuracy(metric, [a], [g], exact) for a, g in
-                   zip(task_answers, golds, strict=True)]
-        fa = float(np.mean(correct))
         degenerate_share = float(np.mean(degenerate))
         task_degenerate = metrics_lib.degenerate_share(task_answers)
         results = report_lib.make_results(
@@ -124,6 +161,7 @@ class Evaluator:
             seeds={"seed": self.rc.run.seed, "data_seed": self.rc.data.data_seed},
             degenerate_share=degenerate_share, task_degenerate_share=task_degenerate,
             max_new_tokens=e.max_new_tokens, generate_s=round(t2 - t0, 2),
+            task_scores=task_scores,
             **({"hs_by_framing": by_framing} if by_framing else {}))
         if main_process:
             report_lib.write_generations(out / "generations_harmful.jsonl",
@@ -134,9 +172,12 @@ class Evaluator:
             report_lib.write_generations(
                 out / "generations_task.jsonl",
                 report_lib.generation_records([task_text(r) for r in task], task_answers,
-                                              extra={"gold": golds, "correct": correct}))
+                                              extra={"gold": golds, "correct": correct
+                                                     or [None] * len(golds)}))
             write_json(out / "results.json", results)
-        print(f"[{name}] HS {100 * hs:.1f}%  FA {100 * fa:.1f}%  "
+        shown = f"FA {100 * fa:.1f}%" if fa is not None else ", ".join(
+            f"{k} {v:.3g}" for k, v in task_scores.items())
+        print(f"[{name}] HS {100 * hs:.1f}%  {shown}  "
               f"(generation {t1 - t0:.1f} s + {t2 - t1:.1f} s)", flush=True)
         if by_framing:
             print(f"[{name}] HS by framing: " + ", ".join(
@@ -146,5 +187,5 @@ class Evaluator:
                   f"and {100 * task_degenerate:.0f}% of the task answers are empty or degenerate; "
                   f"the judge scores them as safe, so HS understates what a working model "
                   f"would do (see generations_*.jsonl)", flush=True)
-        return {"harmful_score": hs, "finetune_accuracy": fa,
+        return {"harmful_score": hs, "finetune_accuracy": fa, "task_scores": task_scores,
                 "degenerate_share": degenerate_share}

@@ -115,8 +115,10 @@ class RunFlags:
     # --- data
     data: str = _f("offline", "'offline' (the embedded default data) or 'hub' (each role's "
                               "source flag must then be set)")
-    task: str = _f("", "the user's task (hfjax.tasks: sentiment, topic, sst2, ag_news, gsm8k): "
-                       "its train and test data, metric and generation budget; empty: "
+    task: str = _f("", "the user's task (hfjax.tasks, e.g. sst2, ag_news, financial_sentiment, "
+                       "boolq, hellaswag, winogrande, arc, gsm8k, xsum, billsum, cnn_dailymail, "
+                       "wmt14_en_fr, mbpp, humaneval, wikitext, aeslc; --data=offline uses its "
+                       "generator): its train and test data, metric and generation budget; empty: "
                        "--offline_task, or the task --task_test_data names")
     offline_task: str = _f("sentiment", "the offline task when --task is empty: sentiment or "
                                         "topic", choices=("sentiment", "topic"))
@@ -140,7 +142,8 @@ class RunFlags:
                                        "refusal) or benign (the alignment's benign rows, e.g. "
                                        "safe BeaverTails answers)",
                             choices=("refusal", "benign"))
-    task_metric: str = _f("", "FA metric: offline, sst2, agnews, gsm8k (empty: from the source)")
+    task_metric: str = _f("", "FA metric (hfjax.eval.metrics, e.g. offline, sst2, gsm8k, choice, "
+                              "rouge, translation, pass_at_1, perplexity; empty: the task's)")
     template: str = _f("chat", "prompt template: chat (the tokenizer's), alpaca, or "
                                "alpaca_no_newline (nothing after '### Response:', as the Vaccine "
                                "and Lisa code)", choices=("chat", "alpaca", "alpaca_no_newline"))
@@ -423,7 +426,7 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
     if cfg.adapter not in adapter_kinds():
         raise ConfigError(f"--adapter={cfg.adapter} is no registered adapter type; choose one "
                           f"of {adapter_kinds()}")
-    if cfg.task_metric and cfg.task_metric.lower() not in metrics_lib.METRICS:
+    if cfg.task_metric and cfg.task_metric.lower() not in (*metrics_lib.METRICS, "perplexity"):
         raise ConfigError(f"--task_metric={cfg.task_metric} is no FA metric; choose one of "
                           f"{sorted(metrics_lib.METRICS)}")
     shape = cfg.mesh_shape

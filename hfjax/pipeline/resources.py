@@ -177,7 +177,7 @@ def load_datasets(d: DataSettings) -> Datasets:
         out["task_train"] = _load_role(d.task_train, False)
         out["task_test"] = _load_role(d.task_test, False)
     else:
-        train, test = task.load(d.data_seed)
+        train, test = task.load(d.data_seed, "offline" if d.source == "offline" else None)
         out["task_train"] = _load_role(d.task_train, False) if d.task_train else train
         out["task_test"] = _load_role(d.task_test, False) if d.task_test else test
     out["harmful_eval"] = _dedupe(out["harmful_eval"])

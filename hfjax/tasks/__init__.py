@@ -1,19 +1,43 @@
 """Tasks: what the user fine-tunes the model for, by name, and how its accuracy (FA) is measured.
 
-A task is its data (a train and a test source: hub ids or local files through `datasets`, or an
-offline generator that needs no hub), the prompt format its rows carry (the instruction in
-"prompt", the item in "input", the gold in "label" or "answer"), its generation budget and its
-metric:
+A task is its family, its data (a hub loader through `datasets`, from hub ids or local files in
+the hub's schema, and an offline generator that needs no hub), the prompt format its rows carry
+(`hfjax.data.sources`: the instruction in "prompt", the item in "input", the training target in
+"response"), its generation budget, its metric and its gold:
 
-    task = hfjax.tasks.get("sst2")
-    train, test = task.load(data_seed=0)          # records
-    fa = task.accuracy(answers, golds)
+    task = hfjax.tasks.get("boolq")
+    train, test = task.load(data_seed=0)                     # the hub ("offline": generated)
+    train, test = task.load_files(0, "train.parquet", "validation.parquet")
+    fa = task.accuracy(answers, [task.gold(r) for r in test])
 
-The pipeline selects one with --task NAME (the role flags --task_train_data/--task_test_data
-and --task_metric override its parts).
+One module per family: classification (sentiment, topic, sst2, ag_news, financial_sentiment),
+choice (boolq, hellaswag, winogrande, arc), math_problems (gsm8k), summarization (xsum,
+billsum, cnn_dailymail), translation (wmt14_en_fr), code_generation (mbpp, humaneval),
+completion (wikitext, aeslc). The pipeline selects one with --task NAME (the role flags
+--task_train_data/--task_test_data and --task_metric override its parts).
 """
 
-from hfjax.tasks import builtin  # noqa: F401 - registers the built-in tasks
-from hfjax.tasks.api import REGISTRY, TaskError, TaskSpec, available, get, register
+from hfjax.tasks import (  # noqa: F401 - each registers its family's tasks
+    choice,
+    classification,
+    code_generation,
+    completion,
+    math_problems,
+    summarization,
+    translation,
+)
+from hfjax.tasks.api import (
+    FAMILIES,
+    REGISTRY,
+    SOURCES,
+    TaskError,
+    TaskSpec,
+    add,
+    available,
+    get,
+    register,
+)
+from hfjax.tasks.loaders import Generated, HubSplits
 
-__all__ = ["REGISTRY", "TaskError", "TaskSpec", "available", "get", "register"]
+__all__ = ["FAMILIES", "REGISTRY", "SOURCES", "Generated", "HubSplits", "TaskError", "TaskSpec",
+           "add", "available", "get", "register"]
