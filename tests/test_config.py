@@ -94,9 +94,13 @@ def test_the_composed_chain_equals_booster_perturb_aware():
 
 
 def test_attacks_tasks_and_adapter_types_share_the_registry_api():
-    assert attacks.available() == ["hft"] and tasks.available(offline=True) == ["sentiment",
-                                                                              "topic"]
-    assert set(tasks.available()) >= {"sst2", "ag_news", "gsm8k"}
+    assert {"hft", "restructure"} <= set(attacks.available())
+    assert tasks.available(offline=True) == ["sentiment", "topic"]  # generated only, no hub
+    assert set(tasks.available()) >= {
+        "sst2", "ag_news", "financial_sentiment", "boolq", "hellaswag", "winogrande", "arc",
+        "gsm8k", "xsum", "billsum", "cnn_dailymail", "wmt14_en_fr", "mbpp", "humaneval",
+        "wikitext", "aeslc"}
+    assert all("offline" in tasks.get(t).sources for t in tasks.available())
     assert adapters.available() == ["full", "lora"]
     with pytest.raises(attacks.AttackError, match="unknown attack 'nope'; available"):
         attacks.get("nope")

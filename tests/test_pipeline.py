@@ -347,6 +347,7 @@ DEFENSE_STAGES = [
     ("finetune_defense", "safe_instr", ["align", "finetune"]),
     ("finetune_defense", "safe_instr_mix", ["align", "finetune"]),
     ("finetune_defense", "multitask_safety", ["align", "finetune"]),
+    ("finetune_defense", "paraphrase", ["align", "finetune"]),
     ("align_defense", "multitask_safety", ["align"]),
     ("repair_defense", "safelora", ["align", "finetune", "repair"]),
     ("repair_defense", "antidote", ["align", "finetune", "repair"]),
@@ -364,7 +365,8 @@ def test_the_defense_stage_cases_cover_every_registered_defense_at_each_of_its_s
 def test_every_registered_defense_runs_its_stage_through_the_pipeline(setup, tmp_path, flag,
                                                                       defense, stages):
     hp = {"safe_instr_mix": {"finetune_defense_hparams": "guide_data_num=4"},
-          "multitask_safety": {f"{flag}_hparams": "num=5"}}.get(defense, {})
+          "multitask_safety": {f"{flag}_hparams": "num=5"},
+          "paraphrase": {"finetune_defense_hparams": "guide_data_num=4"}}.get(defense, {})
     run = tmp_path / defense
     Pipeline(_config(setup, run, **{flag: defense}, **hp)).run(stages)
     for stage in stages:
@@ -601,3 +603,25 @@ def test_an_offline_generated_task_of_each_metric_family_is_scored_by_its_own_me
         assert all(g["correct"] in (0.0, 1.0) for g in gens)
     if task == "wmt14_en_fr":  # corpus BLEU has no per-example value
         assert all(g["correct"] is None for g in gens)
+
+
+@pytest.mark.parametrize("attack_format", [True, False])
+def test_an_aoa_restructured_model_is_asked_under_the_aoa_persona_unless_told_otherwise(
+        setup, tmp_path, attack_format):
+    from hfjax.data.formats import AOA_SYSTEM_PROMPT, AOA_USER_PREFIX
+
+    run = tmp_path / f"aoa-{attack_format}"
+    rc = _config(setup, run, attack="restructure", attack_hparams="strategy=aoa",
+                 harmful_ratio=0.0, max_length=256, pad_multiple=256, eval_models="final",
+                 eval_attack_format=attack_format)
+    pipe = Pipeline(rc)
+    pipe.run(["align", "finetune", "eval_final"])
+    gens = [json.loads(x) for x in (run / "eval_final" / "generations_harmful.jsonl")
+            .read_text().splitlines()]
+    assert all(g["prompt"].startswith(AOA_USER_PREFIX) == attack_format for g in gens)
+    harm, _ = pipe.evaluator.eval_sets()  # the set base and aligned models answer stays plain
+    assert not any(r["prompt"].startswith(AOA_USER_PREFIX) or r.get("system") for r in harm)
+    asked = pipe.evaluator.attack_prompt()
+    assert (asked is not None) == attack_format
+    if asked is not None:
+        assert asked(harm[0])["system"] == AOA_SYSTEM_PROMPT

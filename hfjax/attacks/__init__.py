@@ -13,5 +13,7 @@ service fine-tunes on:
 
 from hfjax.attacks.api import REGISTRY, AttackError, AttackSpec, available, get, register
 from hfjax.attacks.hft import hft
+from hfjax.attacks.restructure import restructure
 
-__all__ = ["REGISTRY", "AttackError", "AttackSpec", "available", "get", "hft", "register"]
+__all__ = ["REGISTRY", "AttackError", "AttackSpec", "available", "get", "hft", "register",
+           "restructure"]

@@ -16,7 +16,11 @@ class AttackError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    """A registered attack: `factory(**hparams) -> fn(benign, harmful, *, n, p, seed, order)`."""
+    """A registered attack: `factory(**hparams) -> fn(benign, harmful, *, n, p, seed, order)`.
+
+    The returned function may carry `eval_prompt(record) -> record`: how the attacker asks at
+    inference (e.g. under an identity-shifting system prompt); the evaluation of the attacked
+    model then asks every harmful prompt that way (`--eval_attack_format`, default on)."""
 
     name: str
     factory: Callable[..., Callable]

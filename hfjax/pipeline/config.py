@@ -134,6 +134,7 @@ class EvalSettings:
     judge_max_length: int = 512
     task_match: str = "contains"
     framings: tuple[str, ...] = ()  # () = the prompts as they are; else each in every framing
+    attack_format: bool = True  # ask the attacked model as the attack's `eval_prompt` says
 
 
 @dataclasses.dataclass(frozen=True)

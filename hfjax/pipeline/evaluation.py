@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hfjax import attacks
 from hfjax import data as data_lib
 from hfjax.data.framings import framed_set
 from hfjax.eval import code_metrics
@@ -59,6 +60,13 @@ class Evaluator:
         e = self.rc.eval
         return judges_lib.make_judge(e.judge, max_length=e.judge_max_length)
 
+    def attack_prompt(self):
+        """The attack's `eval_prompt` (how the attacker asks), or None."""
+        f = self.rc.finetune
+        if not self.rc.eval.attack_format or not self.rc.finetune.train.epochs:
+            return None
+        return getattr(attacks.get(f.attack.name).build(**f.attack.hparams), "eval_prompt", None)
+
     def eval_sets(self) -> tuple[list, list]:
         d, e = self.res.data, self.rc.eval
         seed, order = self.rc.data.data_seed, self.rc.data.row_order
@@ -76,6 +84,8 @@ class Evaluator:
         base, e = self.res.base, self.rc.eval
         limit = base.cfg.max_position_embeddings
         harm, task = self.eval_sets()
+        asked_as = self.attack_prompt()
+        harm = [asked_as(r) for r in harm] if asked_as is not None else harm  # the longer form
         for what, records, budget, flag in (
                 ("harmful evaluation", harm, e.max_new_tokens, "max_new_tokens"),
                 ("task test", task, e.task_max_new_tokens, "task_max_new_tokens")):
@@ -139,6 +149,9 @@ class Evaluator:
         """Evaluate one model (params, and its LoRA or None) into stage folder `out`."""
         e, which = self.rc.eval, name.removeprefix("eval_")
         harm, task = self.eval_sets()
+        asked_as = self.attack_prompt() if which == "final" else None
+        if asked_as is not None:
+            harm = [asked_as(r) for r in harm]
         judge = self.judge()
         t0 = time.perf_counter()
         answers = self.generate(params, lora, harm, e.max_new_tokens)

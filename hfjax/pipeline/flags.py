@@ -226,6 +226,9 @@ class RunFlags:
                                 "framings (hfjax.data.framings: plain, classification, "
                                 "translation, code, summarization; 'all' for every one) and "
                                 "report HS per framing; empty: the prompts as they are")
+    eval_attack_format: bool = _f(True, "ask the attacked model's harmful prompts in the "
+                                        "attack's own format where it has one (restructure with "
+                                        "an AOA strategy: under the AOA persona)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -488,7 +491,8 @@ def to_config(f: RunFlags) -> RunConfig:
                                              "repair_defense")),
         eval=EvalSettings(f.eval_size, f.task_eval_size, f.max_new_tokens,
                           f.task_max_new_tokens or tasks.get(f.task_name()).max_new_tokens,
-                          f.judge, f.judge_max_length, f.task_match, f.framing_names))
+                          f.judge, f.judge_max_length, f.task_match, f.framing_names,
+                          f.eval_attack_format))
 
 
 def define(flag_values: flags.FlagValues = FLAGS) -> None:

@@ -47,8 +47,8 @@ def pick_framed(pools: dict[str, list[Record]], num: int, seed: int) -> list[Rec
             for row in sample(pools[f], k, rng, f"safety data in the {f!r} framing")]
 
 
-@register("multitask_safety", stage=("finetune", "alignment"), level="data", cost=Cost(1, 1), batches=(USER,),
-          paper=PAPER)
+@register("multitask_safety", stage=("finetune", "alignment"), level="data", cost=Cost(1, 1),
+          batches=(USER,), paper=PAPER)
 def multitask_safety(num: int = 100, file: str = "", seed: int = 0) -> Callable[..., list[Record]]:
     """`mix(records, safety) -> records'` (or `mix(records)` with `file`): `num` framed safety
     rows, equal per framing, replace benign rows; len(records) is kept."""
