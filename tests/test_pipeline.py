@@ -216,7 +216,9 @@ def test_sweep_binary_writes_table_csv_plot_and_shares_stages(setup, tmp_path,
 @pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 120), ("vaccine_paper", 2),
                                            ("lisa_paper", 2), ("booster_paper", 2),
                                            ("booster_perturb_aware", 2), ("repnoise_gitdisl", 2),
-                                           ("safe_instr_gitdisl", 2), ("antidote_paper", 2)])
+                                           ("safe_instr_gitdisl", 2), ("antidote_paper", 2),
+                                           ("multitask_quick", 8), ("mimic_quick", 12),
+                                           ("multitask_paper", 8), ("mimic_paper", 12)])
 def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     """Every preset's flags exist and every run of its grid passes the checks (no hub needed)."""
     monkeypatch.chdir(ROOT)  # flagfiles name nested flagfiles relative to the repository
