@@ -627,3 +627,17 @@ def test_an_aoa_restructured_model_is_asked_under_the_aoa_persona_unless_told_ot
     assert (asked is not None) == attack_format
     if asked is not None:
         assert asked(harm[0])["system"] == AOA_SYSTEM_PROMPT
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(task="mbpp", task_metric="choice"), "choice scores choice tasks; --task=mbpp is a code"),
+    (dict(task="arc", task_metric="rouge"), "rouge scores .*--task=arc is a choice task"),
+    (dict(task="boolq_nope"), "unknown task 'boolq_nope'"),
+    (dict(attack="restructure", attack_hparams="strategy=flattery"), "unknown strategy"),
+    (dict(finetune_defense="paraphrase", finetune_defense_hparams="format=haiku"), "haiku"),
+    (dict(finetune_defense="multitask_safety",
+          finetune_defense_hparams="file=/nonexistent/mtb.csv"), "mtb.csv")])
+def test_impossible_task_attack_and_defense_combinations_fail_at_validation(
+        setup, tmp_path, changes, match):
+    with pytest.raises((ConfigError, DefenseError, ValueError), match=match):
+        validate(_config(setup, tmp_path / "x", **changes))

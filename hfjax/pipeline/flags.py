@@ -74,6 +74,15 @@ def _f(default, help: str, **meta):  # noqa: A002 - mirrors absl's argument name
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+METRIC_FAMILIES = {
+    **dict.fromkeys(("offline", "sst2", "agnews", "ag_news", "financial_sentiment"),
+                    {"classification"}),
+    "gsm8k": {"math"}, "choice": {"choice"}, "pass_at_1": {"code"},
+    **dict.fromkeys(("rouge", "translation"), {"summarization", "translation", "completion"})}
+"""The task families whose gold each built-in metric reads (`hfjax.tasks`: a label, a number,
+{label, options}, {tests, ...}, a reference text); perplexity and registered metrics: any."""
+
+
 def split_list(text: str) -> tuple[str, ...]:
     """'a, b,c' -> ('a', 'b', 'c')."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
@@ -423,9 +432,15 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
             if choice.spec.level != "gradient":
                 choice.spec.build(**choice.hparams)
         compose.step_options(chosen, "align" if want == "alignment" else "user")
-    attacks.get(cfg.attack).parse(cfg.attack_hparams)  # AttackError on a bad name or value
-    if cfg.task:
-        tasks.get(cfg.task)  # TaskError on an unknown task
+    attack = attacks.get(cfg.attack)  # AttackError on a bad name or value
+    attack.build(**attack.parse(cfg.attack_hparams))
+    task = tasks.get(cfg.task_name())  # TaskError on an unknown task
+    metric = (cfg.task_metric or task.metric).lower()
+    families = METRIC_FAMILIES.get(metric)
+    if families is not None and task.family not in families:
+        raise ConfigError(f"--task_metric={metric} scores {' or '.join(sorted(families))} "
+                          f"tasks; --task={task.name} is a {task.family} task (its metric: "
+                          f"{task.metric})")
     if cfg.adapter not in adapter_kinds():
         raise ConfigError(f"--adapter={cfg.adapter} is no registered adapter type; choose one "
                           f"of {adapter_kinds()}")
