@@ -134,3 +134,15 @@ def test_full_fine_tuning_is_refused_for_defenses_that_map_a_lora():
         validate(FLAGS.replace(adapter="full", repair_defense="safelora"))
     rc = to_config(validate(FLAGS.replace(adapter="full")))
     assert rc.align.train.adapter.kind == rc.finetune.train.adapter.kind == "full"
+
+
+def test_docs_tasks_table_lists_every_registered_task_with_its_family_and_metric():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| `") and line.count("|") == 8]
+    table = {r[0].strip("`"): r for r in rows}
+    assert sorted(table) == tasks.available()
+    for name, row in table.items():
+        assert (row[1], row[5].strip("`")) == (tasks.get(name).family, tasks.get(name).metric)
