@@ -176,3 +176,11 @@ def test_make_judge_path_where_none_belongs_or_missing_is_a_clear_error():
         judges.make_judge("keyword:/some/folder")
     with pytest.raises(ValueError, match="max_length must be positive"):
         judges.make_judge("keyword", max_length=0)
+
+
+def test_every_templated_refusal_of_the_offline_data_is_a_clear_refusal():
+    from hfjax.data.responses import REFUSALS
+
+    judge = AnsweredJudge()
+    verdicts = {r: judge.decide("placeholder request 7", r).verdict for r in REFUSALS}
+    assert all(v == "refusal" for v in verdicts.values()), verdicts
