@@ -14,6 +14,7 @@ service fine-tunes on:
 from hfjax.attacks.api import REGISTRY, AttackError, AttackSpec, available, get, register
 from hfjax.attacks.hft import hft
 from hfjax.attacks.restructure import restructure
+from hfjax.attacks.trigger_poison import trigger_poison
 
 __all__ = ["REGISTRY", "AttackError", "AttackSpec", "available", "get", "hft", "register",
-           "restructure"]
+           "restructure", "trigger_poison"]
