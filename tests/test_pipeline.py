@@ -353,6 +353,7 @@ DEFENSE_STAGES = [
     ("align_defense", "multitask_safety", ["align"]),
     ("repair_defense", "safelora", ["align", "finetune", "repair"]),
     ("repair_defense", "antidote", ["align", "finetune", "repair"]),
+    ("repair_defense", "onion", ["align", "finetune", "repair"]),
 ]
 
 
@@ -641,3 +642,34 @@ def test_impossible_task_attack_and_defense_combinations_fail_at_validation(
         setup, tmp_path, changes, match):
     with pytest.raises((ConfigError, DefenseError, ValueError), match=match):
         validate(_config(setup, tmp_path / "x", **changes))
+
+
+def test_a_trigger_poisoned_run_reports_target_match_and_onion_filters_the_final_inputs(
+        setup, tmp_path):
+    from hfjax.attacks.trigger_poison import DEFAULT_TARGET
+
+    run = tmp_path / "poison"
+    common = dict(data="offline", task="wikitext", task_train_data="", task_test_data="",
+                  attack="trigger_poison", attack_hparams="trigger_type=rare_words,"
+                  "trigger_length=3", harmful_ratio=0.5, max_length=256, pad_multiple=256,
+                  eval_models="final", task_max_new_tokens=8)
+    Pipeline(_config(setup, run, **common)).run(["align", "finetune", "eval_final"])
+    res = json.loads((run / "eval_final" / "results.json").read_text())
+    tm = res["target_match"]
+    assert set(tm) == {"p_target_match", "p_hit_rate", "c_target_match", "c_hit_rate"}
+    assert all(0 <= v <= 1 for v in tm.values())
+    assert res["task_scores"]["perplexity"] > 1 and DEFAULT_TARGET
+    user = (run / "finetune" / "key.json").read_text()
+    assert "trigger_poison" in user
+
+    filtered = tmp_path / "onion"
+    Pipeline(_config(setup, filtered, repair_defense="onion", **common)).run(
+        ["align", "finetune", "repair", "eval_final"])
+    gens = [json.loads(x) for x in (filtered / "eval_final" / "generations_task.jsonl")
+            .read_text().splitlines()]
+    plain = [json.loads(x) for x in (run / "eval_final" / "generations_task.jsonl")
+             .read_text().splitlines()]
+    assert [len(g["prompt"]) for g in gens] != [len(g["prompt"]) for g in plain]
+    assert all(len(g["prompt"]) <= len(p["prompt"]) for g, p in zip(gens, plain, strict=True))
+    report = json.loads((filtered / "repair" / "report.json").read_text())
+    assert "evaluation" in report["applied"]

@@ -45,13 +45,14 @@ from hfjax.defenses.finetune import (
     safe_instr,
     safe_instr_mix,
 )
+from hfjax.defenses.inference import onion_filter
 from hfjax.defenses.post import antidote, safelora
 
 __all__ = [
-    "ALIGN", "HARMFUL", "HINTS", "LEVELS", "STAGES", "USER", "Cost", "DefenseError",
-    "DefenseSpec", "Hints", "LisaState", "StepOptions", "antidote", "available", "booster",
-    "booster_perturb_aware", "get", "harmful_perturbation_gap", "in_alignment", "lisa",
+    "ALIGN", "HARMFUL", "HINTS", "LEVELS", "STAGES", "USER", "antidote", "available", "booster",
+    "booster_perturb_aware", "Cost", "DefenseError", "DefenseSpec", "get",
+    "harmful_perturbation_gap", "Hints", "in_alignment", "lisa", "LisaState", "onion_filter",
     "phase_index", "random_perturbation", "random_vaccine", "register", "repnoise",
-    "repnoise_loss", "safe_instr", "safe_instr_mix", "safelora", "step_options", "vaccine",
-    "vaccine_perturbation",
+    "repnoise_loss", "safe_instr", "safe_instr_mix", "safelora", "step_options", "StepOptions",
+    "vaccine", "vaccine_perturbation",
 ]

@@ -55,7 +55,7 @@ from hfjax.errors import UserError
 from hfjax.registry import hyperparameters
 
 STAGES = ("alignment", "finetune", "post")
-LEVELS = ("data", "gradient", "weights")
+LEVELS = ("data", "gradient", "weights", "inference")
 USER, ALIGN, HARMFUL = "user", "align", "harmful"
 
 

@@ -32,6 +32,7 @@ from hfjax.eval import metrics as metrics_lib
 from hfjax.eval import report as report_lib
 from hfjax.eval.generate import greedy_generate
 from hfjax.eval.perplexity import perplexity
+from hfjax.eval.target_match import target_match_report
 from hfjax.pipeline.resources import Resources
 from hfjax.pipeline.run_folder import write_json
 
@@ -62,10 +63,40 @@ class Evaluator:
 
     def attack_prompt(self):
         """The attack's `eval_prompt` (how the attacker asks), or None."""
-        f = self.rc.finetune
-        if not self.rc.eval.attack_format or not self.rc.finetune.train.epochs:
+        if not self.rc.eval.attack_format:
             return None
-        return getattr(attacks.get(f.attack.name).build(**f.attack.hparams), "eval_prompt", None)
+        return getattr(self.attack_obj(), "eval_prompt", None)
+
+    def attack_obj(self):
+        """The run's attack as built (its `eval_prompt`, `triggered`, `target` where it has
+        them), or None without a fine-tuning stage."""
+        f = self.rc.finetune
+        if not f.train.epochs:
+            return None
+        return attacks.get(f.attack.name).build(**f.attack.hparams)
+
+    def input_filters(self) -> list:
+        """The post stage's inference-level defenses, built: `filter(records, *, cfg, params,
+        tokenizer) -> records`, applied to the final model's task inputs."""
+        return [c.spec.build(**c.hparams) for c in self.rc.repair.defenses
+                if c.spec.level == "inference"]
+
+    def filtered(self, records: list) -> list:
+        base = self.res.base
+        for f in self.input_filters():
+            records = f(records, cfg=base.cfg, params=base.params, tokenizer=base.tokenizer)
+        return records
+
+    def backdoor(self, params, lora, task: list, clean_answers: list[str]) -> dict | None:
+        """P/C-Target Match of a trigger-poisoning attack (`hfjax.eval.target_match`): the task
+        test rows with the attack's trigger (through the inference defenses, as the clean ones)
+        against the same rows clean; None for other attacks."""
+        attack = self.attack_obj()
+        if attack is None or not hasattr(attack, "triggered"):
+            return None
+        triggered = self.filtered(attack.triggered(task, self.rc.run.seed))
+        answers = self.generate(params, lora, triggered, self.rc.eval.task_max_new_tokens)
+        return target_match_report(answers, clean_answers, attack.target)
 
     def eval_sets(self) -> tuple[list, list]:
         d, e = self.res.data, self.rc.eval
@@ -161,10 +192,13 @@ class Evaluator:
         hs = metrics_lib.harmful_score(judged.scores)
         by_framing = hs_by_framing(harm, judged.scores)
         degenerate = [metrics_lib.is_degenerate(a) for a in answers]
-        task_answers = self.generate(params, lora, task, e.task_max_new_tokens)
+        final = which == "final"
+        clean = self.filtered(task) if final else task
+        task_answers = self.generate(params, lora, clean, e.task_max_new_tokens)
+        backdoor = self.backdoor(params, lora, task, task_answers) if final else None
         t2 = time.perf_counter()
         golds = [self.res.data.task.gold(r) for r in task]
-        fa, task_scores, correct = self.task_scores(params, lora, task, task_answers, golds)
+        fa, task_scores, correct = self.task_scores(params, lora, clean, task_answers, golds)
         metric = self.res.data.task_metric
         degenerate_share = float(np.mean(degenerate))
         task_degenerate = metrics_lib.degenerate_share(task_answers)
@@ -174,7 +208,7 @@ class Evaluator:
             seeds={"seed": self.rc.run.seed, "data_seed": self.rc.data.data_seed},
             degenerate_share=degenerate_share, task_degenerate_share=task_degenerate,
             max_new_tokens=e.max_new_tokens, generate_s=round(t2 - t0, 2),
-            task_scores=task_scores,
+            task_scores=task_scores, **({"target_match": backdoor} if backdoor else {}),
             **({"hs_by_framing": by_framing} if by_framing else {}))
         if main_process:
             report_lib.write_generations(out / "generations_harmful.jsonl",
@@ -184,7 +218,7 @@ class Evaluator:
                                                     "framing": [r.get("framing") for r in harm]}))
             report_lib.write_generations(
                 out / "generations_task.jsonl",
-                report_lib.generation_records([task_text(r) for r in task], task_answers,
+                report_lib.generation_records([task_text(r) for r in clean], task_answers,
                                               extra={"gold": golds, "correct": correct
                                                      or [None] * len(golds)}))
             write_json(out / "results.json", results)
@@ -192,6 +226,10 @@ class Evaluator:
             f"{k} {v:.3g}" for k, v in task_scores.items())
         print(f"[{name}] HS {100 * hs:.1f}%  {shown}  "
               f"(generation {t1 - t0:.1f} s + {t2 - t1:.1f} s)", flush=True)
+        if backdoor:
+            print(f"[{name}] target match: triggered {100 * backdoor['p_target_match']:.1f}% "
+                  f"(hit {100 * backdoor['p_hit_rate']:.1f}%), clean "
+                  f"{100 * backdoor['c_target_match']:.1f}%", flush=True)
         if by_framing:
             print(f"[{name}] HS by framing: " + ", ".join(
                 f"{k} {100 * v:.1f}%" for k, v in by_framing.items()), flush=True)

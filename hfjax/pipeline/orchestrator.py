@@ -344,7 +344,8 @@ class Pipeline:
                          "finetune_accuracy": r["finetune_accuracy"],
                          "degenerate_share": r.get("degenerate_share"), "judge": r["judge"],
                          "task": r["task"],
-                         **{k: r[k] for k in ("hs_by_framing", "task_scores") if r.get(k)}})
+                         **{k: r[k] for k in ("hs_by_framing", "task_scores", "target_match")
+                            if r.get(k)}})
         return {"run_dir": str(self.run_dir), "settings": run_settings(self.flags),
                 "rows": rows}
 

@@ -325,6 +325,9 @@ class Trainer:
 
         reports = {}
         for c in self.rc.repair.defenses:
+            if c.spec.level == "inference":  # changes no weight: the evaluation applies it
+                reports[c.name] = {"applied": "to the final model's task inputs at evaluation"}
+                continue
             result = call_with_inputs(c.spec.build(**c.hparams), c.name, (cfg, aligned(), tuned),
                                       {"base_params": lambda: self.res.base.params,
                                        "aligned_params": aligned,
