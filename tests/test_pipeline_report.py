@@ -77,3 +77,29 @@ def test_task_matrix_has_a_none_row_then_one_row_per_task_averaging_its_runs(tmp
 def test_a_sweep_without_framed_evaluations_writes_no_task_matrix(tmp_path):
     report.write_sweep_report(RESULTS, tmp_path)
     assert not (tmp_path / "task_matrix.csv").exists()
+
+
+def _poison_run(tokens: int, trigger: str, p_match: float, c_match: float) -> dict:
+    settings = {"defense": "none", "harmful_ratio": 0.1, "num_samples": 100, "lr": 1e-2,
+                "epochs": 5, "seed": 0, "task": "xsum", "num_virtual_tokens": tokens,
+                "attack_hparams": f"trigger_type={trigger},position=start"}
+    final = {"model": "final", "label": "attacked", "harmful_score": 0.0,
+             "finetune_accuracy": 0.3, "judge": "kw", "task": "rouge",
+             "target_match": {"p_target_match": p_match, "p_hit_rate": p_match / 2,
+                              "c_target_match": c_match, "c_hit_rate": 0.0}}
+    return {"run_dir": f"runs/{tokens}-{trigger}", "settings": settings, "rows": [final]}
+
+
+def test_poison_report_has_one_row_per_poisoned_run_and_a_panel_per_varied_factor(tmp_path):
+    results = [_poison_run(5, "rare_words", 0.2, 0.0), _poison_run(20, "rare_words", 0.6, 0.1),
+               _poison_run(5, "sentence", 0.4, 0.0), _poison_run(20, "sentence", 0.8, 0.0)]
+    rows = report.poison_rows(results)
+    assert [(r["num_virtual_tokens"], r["trigger_type"]) for r in rows] == [
+        (5, "rare_words"), (20, "rare_words"), (5, "sentence"), (20, "sentence")]
+    assert rows[1]["p_target_match"] == 0.6 and rows[1]["clean_score"] == 0.3
+    text = report.write_sweep_report(results, tmp_path)
+    assert "Backdoor (trigger poisoning)" in text
+    assert (tmp_path / "poison.csv").read_text().splitlines()[0].startswith(
+        "task,num_virtual_tokens,trigger_type")
+    assert (tmp_path / "poison_vs_factors.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.plot_poison(rows[:1], tmp_path / "none.png") is None  # nothing varies

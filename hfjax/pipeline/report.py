@@ -274,6 +274,82 @@ def plot_task_matrix(framings: Sequence[str], rows: Sequence[Mapping],
     return path
 
 
+POISON_FACTORS = ("num_virtual_tokens", "trigger_type", "trigger_length", "position",
+                  "harmful_ratio", "defense")
+
+
+def _attack_hparams(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in (text or "").split(",") if "=" in item)
+
+
+def poison_rows(results: Sequence[Mapping]) -> list[dict]:
+    """One row per run whose attacked model has target-match figures (a trigger-poisoning
+    attack): the factors of Jiang et al.'s study, P/C-Target Match and hit rates, and the
+    clean task score (ROUGE-1 FA or perplexity)."""
+    rows = []
+    for res in results:
+        final = next((r for r in res["rows"] if r["model"] == "final"), None)
+        if final is None or not final.get("target_match"):
+            continue
+        s = res["settings"]
+        hp = _attack_hparams(s.get("attack_hparams", ""))
+        name, score = _task_score(final)
+        rows.append({"task": s.get("task"), "num_virtual_tokens": s.get("num_virtual_tokens"),
+                     "trigger_type": hp.get("trigger_type", "sentence"),
+                     "trigger_length": int(hp.get("trigger_length", 8)),
+                     "position": hp.get("position", "start"),
+                     "harmful_ratio": s.get("harmful_ratio"), "defense": s.get("defense"),
+                     "seed": s.get("seed"), **final["target_match"],
+                     "clean_score": score, "clean_score_name": name, "run_dir": res["run_dir"]})
+    return rows
+
+
+def poison_table(rows: Sequence[Mapping]) -> str:
+    header = ["task", "virtual tokens", "trigger", "length", "position", "p", "defense", "seed",
+              "P-Target Match (%)", "P hit (%)", "C-Target Match (%)", "C hit (%)", "clean"]
+    body = [[str(r["task"]), str(r["num_virtual_tokens"]), r["trigger_type"],
+             str(r["trigger_length"]), r["position"], str(r["harmful_ratio"]), str(r["defense"]),
+             str(r["seed"]), _pct(r["p_target_match"]), _pct(r["p_hit_rate"]),
+             _pct(r["c_target_match"]), _pct(r["c_hit_rate"]),
+             "-" if r["clean_score"] is None else f"{r['clean_score']:.3g} {r['clean_score_name']}"]
+            for r in rows]
+    return markdown_table(header, body)
+
+
+def plot_poison(rows: Sequence[Mapping], path: str | os.PathLike) -> Path | None:
+    """PNG: mean P-Target Match (success) and C-Target Match (on clean inputs; lower is
+    stealthier) against each factor the sweep varied, one panel per factor; None when no factor
+    varies."""
+    factors = [f for f in POISON_FACTORS if len({str(r[f]) for r in rows}) > 1]
+    if not factors:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.5), squeeze=False)
+    for ax, factor in zip(axes[0], factors, strict=True):
+        values = sorted({r[factor] for r in rows}, key=lambda v: (isinstance(v, str), v))
+        for key, label in (("p_target_match", "P-Target Match (triggered)"),
+                           ("c_target_match", "C-Target Match (clean)")):
+            means = [100 * sum(r[key] for r in rows if r[factor] == v)
+                     / sum(1 for r in rows if r[factor] == v) for v in values]
+            ax.plot([str(v) for v in values], means, marker="o", label=label)
+        ax.set_xlabel(factor.replace("_", " "))
+        ax.set_ylabel("target match (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -> str:
     """results.md (table + worst case), results.csv (wide), results_long.csv, hs_fa_vs_p.png;
     returns the markdown."""
@@ -299,4 +375,14 @@ def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -
         write_text(out / "results.md", text)
         write_csv(out / "task_matrix.csv", matrix)
         plot_task_matrix(framings, matrix, out / "task_matrix.png")
+    poisoned = poison_rows(results)
+    if poisoned:
+        text += ("\n## Backdoor (trigger poisoning): target match per setting\n\n"
+                 "P-Target Match: share of the target's phrases in the outputs on triggered "
+                 "test inputs (attack success); C-Target Match: the same on clean inputs "
+                 "(lower is stealthier); clean: the task's score on clean inputs.\n\n"
+                 + poison_table(poisoned) + "\n")
+        write_text(out / "results.md", text)
+        write_csv(out / "poison.csv", poisoned)
+        plot_poison(poisoned, out / "poison_vs_factors.png")
     return text
