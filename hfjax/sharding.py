@@ -16,7 +16,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis. Base weights are FSDP-sharded on their model dimension and
-# tensor-sharded on heads / MLP width; layers, norms and LoRA ranks are replicated.
+# tensor-sharded on heads / MLP width; layers, norms, LoRA ranks and prefixes (P virtual
+# tokens × L·2·H_kv·head_dim features, the projection MLP's hidden width) are replicated.
 RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "layers": None,
@@ -27,6 +28,9 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "lora_rank": None,
+    "prefix_tokens": None,
+    "prefix_features": None,
+    "prefix_hidden": None,
 }
 
 

@@ -101,7 +101,7 @@ def test_attacks_tasks_and_adapter_types_share_the_registry_api():
         "gsm8k", "xsum", "billsum", "cnn_dailymail", "wmt14_en_fr", "mbpp", "humaneval",
         "wikitext", "aeslc"}
     assert all("offline" in tasks.get(t).sources for t in tasks.available())
-    assert adapters.available() == ["full", "lora"]
+    assert adapters.available() == ["full", "lora", "prefix"]
     with pytest.raises(attacks.AttackError, match="unknown attack 'nope'; available"):
         attacks.get("nope")
     with pytest.raises(tasks.TaskError, match="unknown task 'nope'"):

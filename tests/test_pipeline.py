@@ -263,7 +263,7 @@ def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     (dict(repair_defense="antidote", repair_defense_hparams="dense_ratio=2.0"), DefenseError,
      "dense_ratio"),
     (dict(task_metric="bleu"), ConfigError, "--task_metric=bleu is no FA metric"),
-    (dict(adapter="prefix"), ConfigError, "--adapter=prefix is no registered adapter type"),
+    (dict(adapter="prefix_nope"), ConfigError, "--adapter=prefix_nope is no registered adapter type"),
 ], ids=["post-without-finetune", "finetune-defense-without-finetune", "p-above-1", "p-below-0",
         "mesh-too-large", "mesh-malformed", "unknown-defense", "unknown-defense-flag",
         "wrong-stage", "bad-hparam-type", "unknown-hparam", "hparams-without-defense",

@@ -4,6 +4,8 @@ With the KV cache (default): one prefill pass over the prompts, then one single-
 new token (`lax.fori_loop`). Without it: every step recomputes the forward pass over a fixed
 [B, P + N] buffer (the reference the cache is tested against). Greedy by default; temperature /
 top-p sampling with a seed. Rows stop at their first EOS; later positions hold `pad_id`.
+A prefix (`models.prefix`) fills the cache's first P slots and shifts positions by P; without
+the cache every step passes it to `forward`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def _generate(
     cfg,
     params,
     lora,
+    prefix,
     ids,
     mask,
     forced,
@@ -92,7 +95,8 @@ def _generate(
         return nxt, done | jnp.isin(nxt, eos)
 
     if use_cache:
-        cache = KVCache.create(cfg, b, p + max_new_tokens)
+        virtual = 0 if prefix is None else prefix.num_virtual_tokens
+        cache = KVCache.create(cfg, b, virtual + p + max_new_tokens, prefix=prefix)
         logits, cache = forward(cfg, params, ids, mask, lora=lora, kv_cache=cache)
         nxt, done = pick(0, logits[:, -1], jnp.zeros((b,), bool), key)
         out = out.at[:, 0].set(nxt)
@@ -112,7 +116,7 @@ def _generate(
 
     def step_nocache(i, carry):
         buf, buf_mask, done = carry
-        logits = forward(cfg, params, buf, buf_mask, lora=lora)
+        logits = forward(cfg, params, buf, buf_mask, lora=lora, prefix=prefix)
         nxt, new_done = pick(
             i, jax.lax.dynamic_index_in_dim(logits, p + i - 1, 1, False), done, key
         )
@@ -141,6 +145,7 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     pad_id: int | None = None,
     lora=None,
+    prefix=None,
     use_cache: bool = True,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -151,16 +156,20 @@ def generate(
 
     forced_prefix: per prompt, tokens forced as the first generated tokens (the prefilling
     attack); decoding continues freely after them.
+    prefix: a `models.prefix.Prefix` (prefix tuning), its P virtual tokens counted in the
+    context.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     longest = max((len(x) for x in prompts), default=0)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
+    virtual = 0 if prefix is None else prefix.num_virtual_tokens
+    if virtual + longest + max_new_tokens > cfg.max_position_embeddings:
+        with_prefix = f" and {virtual} prefix tokens" if virtual else ""
         raise ContextLengthError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-            f"model's context of {cfg.max_position_embeddings} tokens")
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}{with_prefix} "
+            f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     pad = (
         pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
@@ -175,6 +184,7 @@ def generate(
             cfg,
             params,
             lora,
+            prefix,
             jnp.asarray(ids),
             jnp.asarray(mask),
             jnp.asarray(forced),

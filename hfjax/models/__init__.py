@@ -1,7 +1,8 @@
-"""Decoder LMs as pure functions, weight IO (HF safetensors, GGUF, PEFT) and LoRA.
+"""Decoder LMs as pure functions, weight IO (HF safetensors, GGUF, PEFT), LoRA and prefix tuning.
 
     cfg, params = models.load_pretrained(path)          # HF folder or .gguf file
     logits = models.forward(cfg, params, input_ids, attention_mask, lora=lora)
+    logits = models.forward(cfg, params, input_ids, attention_mask, prefix=prefix)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from hfjax.models import lora
+from hfjax.models import lora, prefix
 from hfjax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig, ModelConfigError
 from hfjax.models.decoder import CAPTURE_NAMES, KVCache, forward
 from hfjax.models.embedded import DefaultModelNotFoundError, default_model_path, load_default
@@ -59,6 +60,7 @@ __all__ = [
     "logical_axes",
     "lora",
     "param_shapes",
+    "prefix",
     "save_hf",
 ]
 

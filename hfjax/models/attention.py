@@ -10,7 +10,8 @@ Two implementations (`ModelConfig.attention`):
   "cudnn"  cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`:
            no [T, S] tensor in memory, the causal upper triangle skipped, O(T) residuals. GPU,
            bf16/f16, no logit softcap, head_dim a multiple of 8 up to 128, even T and S, and
-           no KV cache (decoding steps always use "xla").
+           keys aligned with the queries: no KV cache and no prefix (decoding steps and prefix
+           tuning, whose keys hold earlier positions, always use "xla").
   "auto"   (default) "cudnn" where all of that holds and cuDNN is found, else "xla". On CPU it
            is always "xla" (BUILD_NOTES: `jax.nn.dot_product_attention`'s XLA path measured no
            faster there).
@@ -107,7 +108,7 @@ def cudnn_unsupported(cfg: ModelConfig, *, dtype, t: int, s: int, cached: bool,
     if t % 2 or s % 2:
         reasons.append(f"query/key lengths {t}/{s} are not even")
     if cached:
-        reasons.append("it reads a KV cache (decoding)")
+        reasons.append("it reads a KV cache or prefix keys (keys before the queries)")
     missing = None if reasons else _cudnn_found()
     if missing:
         reasons.append(f"cuDNN is not available ({missing})")
@@ -117,7 +118,8 @@ def cudnn_unsupported(cfg: ModelConfig, *, dtype, t: int, s: int, cached: bool,
 def choose_kernel(cfg: ModelConfig, *, dtype, t: int, s: int, cached: bool,
                    backend: str | None = None) -> str:
     """"xla" or "cudnn" for cfg.attention (module docstring). An explicit "cudnn" that cannot
-    run raises ValueError naming why, except for KV-cache decoding, which always uses "xla"."""
+    run raises ValueError naming why, except with `cached` keys (KV-cache decoding or a prefix:
+    keys at positions before the queries), which always use "xla"."""
     choice = cfg.attention  # one of ATTENTION_IMPLEMENTATIONS (ModelConfig checks it)
     if choice == "xla" or (choice == "cudnn" and cached):
         return "xla"
@@ -131,7 +133,8 @@ def choose_kernel(cfg: ModelConfig, *, dtype, t: int, s: int, cached: bool,
 
 def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *,
            cached: bool) -> jax.Array:
-    """Attention with the kernel `choose_kernel` picks; q [B,T,Hq,hd], k/v [B,S,Hkv,hd]."""
+    """Attention with the kernel `choose_kernel` picks; q [B,T,Hq,hd], k/v [B,S,Hkv,hd].
+    cached: the keys start before the queries (a KV cache or a prefix)."""
     kernel = choose_kernel(cfg, dtype=q.dtype, t=q.shape[1], s=k.shape[1], cached=cached)
     if kernel == "cudnn":
         return fused_attention(cfg, q, k, v, allowed)

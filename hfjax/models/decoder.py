@@ -15,6 +15,8 @@ Norms, softmax and logits run in max(dtype, float32) (`config.at_least_float32`)
 Layers run under `jax.lax.scan` over the stacked parameters (optionally under `jax.checkpoint`),
 so compile time does not depend on depth. Positions come from the attention mask
 (cumsum − 1), so a left-padded row gives the same logits as the unpadded sequence.
+A prefix (`models.prefix`: P virtual key/value tokens per layer) sits in front of each layer's
+keys and values, unrotated and always attended to; real tokens' positions then start at P.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from hfjax.models import attention as attention_lib
 from hfjax.models import lora as lora_lib
+from hfjax.models import prefix as prefix_lib
 from hfjax.models.config import ModelConfig, at_least_float32
 
 CAPTURE_NAMES = ("attn_out", "mlp_out", "residual", "proj_inputs")
@@ -139,12 +142,25 @@ class KVCache:
     next_pos: jax.Array
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None,
+               prefix: prefix_lib.Prefix | None = None) -> KVCache:
+        """An empty cache of max_len slots; with a prefix, its P keys/values fill slots
+        [0, P) (valid), writing starts at slot P and positions at P (`forward(prefix=)`)."""
         dtype = dtype or jnp.dtype(cfg.dtype)
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
-                   next_pos=jnp.zeros((batch,), jnp.int32))
+        cache = cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+                    next_pos=jnp.zeros((batch,), jnp.int32))
+        if prefix is None:
+            return cache
+        n = prefix.num_virtual_tokens
+        if n > max_len:
+            raise ValueError(f"a cache of {max_len} slots cannot hold {n} prefix tokens")
+        pk, pv = (jnp.broadcast_to(x[:, None], (cfg.num_layers, batch, *x.shape[1:]))
+                  for x in prefix_lib.layer_kv(cfg, prefix, dtype))
+        return cls(k=cache.k.at[:, :, :n].set(pk), v=cache.v.at[:, :, :n].set(pv),
+                   valid=cache.valid.at[:, :n].set(True), index=jnp.asarray(n, jnp.int32),
+                   next_pos=jnp.full((batch,), n, jnp.int32))
 
 
 def _layer(cfg, rope, q_index, k_valid, lora_scale, lora_dropout, capture, forward_mode_ad, h,
@@ -152,13 +168,15 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, lora_dropout, capture, forwa
     """One decoder layer.
 
     xs = (layer params, layer LoRA or None, window, ε_l or None, (k, v) cache slices or None,
-    the layer's LoRA dropout key or None).
+    the layer's LoRA dropout key or None, the layer's prefix (k, v) [P, Hkv, hd] or None).
     With a cache, the new keys/values are written at slots q_index and attention runs over all
     S slots (k_valid marks the filled ones); the updated slices are returned with the captures.
+    With a prefix, its keys/values (not rotated) go in front of the T new ones: key slots
+    [0, P + T), queries at slots q_index = P + t.
     rope = (cos, sin) tables from `rope_tables`, computed once for all layers.
     forward_mode_ad: the LoRA branches without their custom VJP (`lora.apply`).
     """
-    layer, layer_lora, window, eps, kv, drop_key = xs
+    layer, layer_lora, window, eps, kv, drop_key, pre = xs
     b, t, _ = h.shape
     proj_inputs: dict = {}
     proj = lambda x, name: _project(  # noqa: E731
@@ -176,8 +194,12 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, lora_dropout, capture, forwa
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
         k_index = jnp.arange(k.shape[1])
+    if pre is not None:
+        k, v = (jnp.concatenate([jnp.broadcast_to(p[None], (b, *p.shape)), x], 1)
+                for p, x in zip(pre, (k, v), strict=True))
+        k_index = jnp.arange(k.shape[1])
     allowed = attention_lib.mask(q_index, k_index, k_valid, window)
-    attn = attention_lib.attend(cfg, q, k, v, allowed, cached=kv is not None)
+    attn = attention_lib.attend(cfg, q, k, v, allowed, cached=kv is not None or pre is not None)
     attn = attn.reshape(b, t, cfg.num_heads * cfg.head_dim)
     a = attn_out = proj(attn, "o_proj")
     if eps is not None:
@@ -233,6 +255,7 @@ def forward(
     attention_mask: jax.Array | None = None,
     *,
     lora: lora_lib.LoRA | None = None,
+    prefix: prefix_lib.Prefix | None = None,
     perturb: jax.Array | None = None,
     capture: Sequence[str] = (),
     kv_cache: KVCache | None = None,
@@ -244,6 +267,10 @@ def forward(
 
     attention_mask: [B, T], 1 for tokens and 0 for padding (left or right); None = all tokens.
     lora: adapters added to the targeted projections (unmerged).
+    prefix: P virtual key/value tokens in front of every layer's keys and values (PEFT's prefix
+      tuning, `models.prefix`): the T real tokens take positions P + (cumsum(mask) − 1) and
+      attend to the whole prefix; the logits are those of the T real tokens. With a kv_cache
+      the prefix goes into the cache instead (`KVCache.create(..., prefix=)`).
     perturb: [L, B, T, D] added to every layer's attention output a_l (o_proj's output, before
       Gemma 2's post-attention norm: Vaccine's ε).
     capture: names from CAPTURE_NAMES; when given, returns (logits, {name: [L, ...]}).
@@ -261,6 +288,9 @@ def forward(
     """
     if kv_cache is not None and not apply_head:
         raise ValueError("apply_head=False is not supported together with kv_cache")
+    if kv_cache is not None and prefix is not None:
+        raise ValueError("with a kv_cache, pass the prefix to KVCache.create (it fills the "
+                         "cache's first slots), not to forward")
     unknown = set(capture) - set(CAPTURE_NAMES)
     if unknown:
         raise ValueError(f"unknown capture names {sorted(unknown)}; choose from {CAPTURE_NAMES}")
@@ -280,9 +310,15 @@ def forward(
     if cfg.scale_embeddings:
         h = h * jnp.asarray(cfg.hidden_size**0.5, dtype)
 
+    pre = None
     if kv_cache is None:
         positions, q_index, k_valid, kv = (positions_from_mask(attention_mask), jnp.arange(t),
                                            attention_mask.astype(bool), None)
+        if prefix is not None:
+            n = prefix.num_virtual_tokens
+            positions, q_index = positions + n, q_index + n
+            k_valid = jnp.concatenate([jnp.ones((b, n), bool), k_valid], axis=1)
+            pre = prefix_lib.layer_kv(cfg, prefix, dtype)
     else:
         if capture:
             raise ValueError("capture is not supported together with kv_cache")
@@ -303,7 +339,7 @@ def forward(
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     drop_keys = lora_lib.dropout_keys(dropout_rng, cfg.num_layers) if dropout else None
     xs = (params["layers"], lora.weights if lora is not None else None, windows, perturb, kv,
-          drop_keys)
+          drop_keys, pre)
     h, (captured, new_kv) = jax.lax.scan(body, h, xs,
                                          unroll=min(cfg.scan_unroll, cfg.num_layers))
 

@@ -6,15 +6,15 @@
     state, metrics = training.step(training.state, frozen, put_batches(batches, mesh))
     training.batch_names   # the named batches to feed every step, primary first
 
-Inputs: the model config, the initial trainable (a LoRA, or the params for full fine-tuning),
-the optimizer settings (`OptimizerConfig`, its `total_steps` the run's), the mesh and the
-gradient defenses to chain before the optimizer. The builder composes the defenses
-(`hfjax.defenses.compose`), chains them before clipping + AdamW, asks the train step to do what
-they need from its own forward and backward (their `StepOptions`), places the initial state with
-its shardings, and says which batches to feed: the primary (the stage's own data, or the
-defense's, e.g. Lisa's phase batch) and every extra stream the defenses read, the paired ones
-among them, and any batch size a defense fixes. The pipeline, the benchmarks and the tests all
-build their steps here; `make_train_step` has no other caller.
+Inputs: the model config, the initial trainable (a LoRA, a `models.prefix.Prefix`, or the
+params for full fine-tuning), the optimizer settings (`OptimizerConfig`, its `total_steps` the
+run's), the mesh and the gradient defenses to chain before the optimizer. The builder composes
+the defenses (`hfjax.defenses.compose`), chains them before clipping + AdamW, asks the train
+step to do what they need from its own forward and backward (their `StepOptions`), places the
+initial state with its shardings, and says which batches to feed: the primary (the stage's own
+data, or the defense's, e.g. Lisa's phase batch) and every extra stream the defenses read, the
+paired ones among them, and any batch size a defense fixes. The pipeline, the benchmarks and the
+tests all build their steps here; `make_train_step` has no other caller.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
 from hfjax.models.config import ModelConfig
+from hfjax.models.prefix import Prefix
 from hfjax.train import optim
 from hfjax.train import state as state_lib
 from hfjax.train import step as step_lib
@@ -63,6 +64,9 @@ def build_training(cfg: ModelConfig, trainable, *, mesh: Mesh,
     which a defense may replace. `pre`: further optax transforms chained before the defenses
     (a user's own). The optimizer's `total_steps` is passed to defenses that read it.
     """
+    if full_finetune and isinstance(trainable, Prefix):
+        raise ValueError("full_finetune=True trains the whole params pytree; a prefix trains "
+                         "beside the frozen base: pass full_finetune=False")
     config = optimizer if isinstance(optimizer, optim.OptimizerConfig) else None
     if optimizer is None:
         config = optim.OptimizerConfig()

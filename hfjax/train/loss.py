@@ -19,6 +19,7 @@ from hfjax.data.batching import IGNORE_INDEX
 from hfjax.models import forward
 from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.decoder import CAPTURE_NAMES, head_matmul, rms_norm, stored_head
+from hfjax.models.prefix import Prefix
 
 
 @jax.custom_jvp
@@ -273,6 +274,7 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
     closing over the frozen base.
 
     LoRA mode: trainable is a `LoRA`, the base `frozen` params are fixed.
+    Prefix tuning: trainable is a `models.prefix.Prefix` (forward's `prefix=`), the base fixed.
     Full fine-tuning: trainable is the whole params pytree and `frozen` is unused.
     aux: tokens, accuracy, loss_sum (see `token_cross_entropy`) and vocab_size V (the classes
     of the CE, int32). capture: names from `forward`'s CAPTURE_NAMES (activations [L, ...]) and
@@ -291,11 +293,13 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
         if unknown:
             raise ValueError(f"unknown capture names {sorted(unknown)}; choose from "
                              f"{CAPTURE_NAMES + LOSS_CAPTURES}")
-        params, lora = (trainable, None) if full_finetune else (frozen, trainable)
+        params = trainable if full_finetune else frozen
+        adapter = {} if full_finetune else {
+            "prefix" if isinstance(trainable, Prefix) else "lora": trainable}
         from_model = tuple(n for n in capture if n in CAPTURE_NAMES)
         if "lens" in capture and "residual" not in from_model:
             from_model += ("residual",)
-        out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora,
+        out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], **adapter,
                       apply_head=forward_mode_ad, forward_mode_ad=forward_mode_ad,
                       capture=from_model, **forward_kw)
         out, captured = out if from_model else (out, {})

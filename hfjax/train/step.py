@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from hfjax.models import prefix as prefix_lib
 from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.lora import LoRA
 from hfjax.train import state as state_lib
@@ -219,9 +220,13 @@ def put_batches(batches: dict, mesh: Mesh) -> dict:
 
 def init_state(cfg: ModelConfig, trainable, optimizer, *, mesh: Mesh, seed: int,
                full_finetune: bool = False) -> tuple[state_lib.TrainState, state_lib.TrainState]:
-    """(state placed with its shardings, the shardings)."""
+    """(state placed with its shardings, the shardings). A prefix trainable is placed by its
+    logical axes (`models.prefix.logical_axes`), the others by `state.trainable_shardings`."""
     shape = jax.eval_shape(lambda t: state_lib.create(t, optimizer, seed), trainable)
-    t_sh = state_lib.trainable_shardings(cfg, mesh, shape.trainable, full_finetune)
+    if isinstance(trainable, prefix_lib.Prefix):
+        t_sh = prefix_lib.shardings(shape.trainable, mesh)
+    else:
+        t_sh = state_lib.trainable_shardings(cfg, mesh, shape.trainable, full_finetune)
     s_sh = state_lib.state_shardings(shape, mesh, t_sh)
     init = jax.jit(lambda t: state_lib.create(t, optimizer, seed), in_shardings=(t_sh,),
                    out_shardings=s_sh)
