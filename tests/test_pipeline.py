@@ -674,3 +674,38 @@ def test_a_trigger_poisoned_run_reports_target_match_and_onion_filters_the_final
     assert all(len(g["prompt"]) <= len(p["prompt"]) for g, p in zip(gens, plain, strict=True))
     report = json.loads((filtered / "repair" / "report.json").read_text())
     assert "evaluation" in report["applied"]
+
+
+def test_a_prefix_tuned_pipeline_trains_saves_a_peft_prefix_and_evaluates_with_it(setup, tmp_path):
+    from hfjax.models import prefix as prefix_lib
+
+    run = tmp_path / "prefix"
+    rc = _config(setup, run, adapter="prefix", num_virtual_tokens=4, align_epochs=0,
+                 eval_models="base,final")
+    res = Pipeline(rc).run(["finetune", "eval_base", "eval_final"])
+    saved = json.loads((run / "finetune" / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PREFIX_TUNING" and saved["num_virtual_tokens"] == 4
+    from hfjax.models.hf_io import read_config
+
+    tuned = prefix_lib.load_peft(run / "finetune" / "adapter", read_config(setup[1]))
+    assert tuned.num_virtual_tokens == 4
+    base, final = (json.loads((run / f"eval_{m}" / "generations_harmful.jsonl").read_text()
+                              .splitlines()[0]) for m in ("base", "final"))
+    assert base["response"] != final["response"]  # the prefix is applied in generation
+    assert {r["model"] for r in res["rows"]} == {"base", "final"}
+    with pytest.raises(ConfigError, match="prefix cannot be merged"):
+        validate(_config(setup, tmp_path / "x", adapter="prefix"))
+
+
+@pytest.mark.parametrize("defense", ["safe_instr", "lisa"])
+def test_a_gradient_defense_trains_a_prefix(setup, tmp_path, defense):
+    run = tmp_path / defense
+    rc = _config(setup, run, adapter="prefix", num_virtual_tokens=4, align_epochs=0,
+                 finetune_defense=defense,
+                 finetune_defense_hparams="align_steps=2,finetune_steps=2" if defense == "lisa"
+                 else "")
+    Pipeline(rc).run(["finetune"])
+    losses = [json.loads(x)["loss"] for x in (run / "finetune" / "metrics.jsonl")
+              .read_text().splitlines()]
+    assert losses and np.all(np.isfinite(losses))
+    assert (run / "finetune" / "adapter" / "adapter_model.safetensors").is_file()

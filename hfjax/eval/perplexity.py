@@ -25,14 +25,17 @@ from hfjax.train.loss import token_cross_entropy
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nll_sums(cfg: ModelConfig, params: dict, lora, batch: dict) -> tuple[jax.Array, jax.Array]:
-    logits = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora)
+def _nll_sums(cfg: ModelConfig, params: dict, lora, prefix, batch: dict
+              ) -> tuple[jax.Array, jax.Array]:
+    logits = forward(cfg, params, batch["input_ids"], batch["attention_mask"], lora=lora,
+                     prefix=prefix)
     _, aux = token_cross_entropy(logits, batch["labels"])
     return aux["loss_sum"], aux["tokens"]
 
 
 def nll_sums(cfg: ModelConfig, params: dict, examples: Sequence[Example], *, lora=None,
-             batch_size: int = 8, pad_id: int = 0, multiple: int = 16) -> tuple[float, int]:
+             prefix=None, batch_size: int = 8, pad_id: int = 0, multiple: int = 16
+             ) -> tuple[float, int]:
     """(Σ response-token NLL, number of response tokens) over `examples`, batched by length
     (padded to multiples of `multiple`, so few shapes compile)."""
     if not examples:
@@ -47,17 +50,19 @@ def nll_sums(cfg: ModelConfig, params: dict, examples: Sequence[Example], *, lor
         length = bucket_for(max(len(ex.input_ids) for ex in chunk), buckets)
         real = min(batch_size, len(order) - s)
         batch = pad_batch(chunk, length, pad_id, mask_labels=[i >= real for i in range(len(chunk))])
-        loss_sum, n = _nll_sums(cfg, params, lora, {k: jnp.asarray(v) for k, v in batch.items()})
+        loss_sum, n = _nll_sums(cfg, params, lora, prefix,
+                                {k: jnp.asarray(v) for k, v in batch.items()})
         total += float(loss_sum)
         tokens += int(n)
     return total, tokens
 
 
 def perplexity(cfg: ModelConfig, params: dict, examples: Sequence[Example], *, lora=None,
-               batch_size: int = 8, pad_id: int = 0) -> float:
-    """Corpus perplexity of the examples' response tokens (module docstring)."""
-    total, tokens = nll_sums(cfg, params, examples, lora=lora, batch_size=batch_size,
-                             pad_id=pad_id)
+               prefix=None, batch_size: int = 8, pad_id: int = 0) -> float:
+    """Corpus perplexity of the examples' response tokens (module docstring); the adapter
+    (a LoRA or a prefix) applied unmerged."""
+    total, tokens = nll_sums(cfg, params, examples, lora=lora, prefix=prefix,
+                             batch_size=batch_size, pad_id=pad_id)
     if tokens == 0:
         raise ValueError("the examples have no response tokens to score")
     return math.exp(total / tokens)

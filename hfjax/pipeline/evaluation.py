@@ -33,6 +33,7 @@ from hfjax.eval import report as report_lib
 from hfjax.eval.generate import greedy_generate
 from hfjax.eval.perplexity import perplexity
 from hfjax.eval.target_match import target_match_report
+from hfjax.models import adapters
 from hfjax.pipeline.resources import Resources
 from hfjax.pipeline.run_folder import write_json
 
@@ -129,6 +130,13 @@ class Evaluator:
                     f"context of {limit} tokens with --{flag}={budget} (the longest prompt has "
                     f"{max(over)} tokens); shorten or drop them, or lower --{flag}")
 
+    def applied(self, adapter) -> dict:
+        """`forward` / `generate` keyword arguments that apply a trained adapter (LoRA or
+        prefix) beside the params; {} for none (base, aligned, a full fine-tune's weights)."""
+        if adapter is None:
+            return {}
+        return adapters.get(self.rc.finetune.train.adapter.kind).forward_kwargs(adapter)
+
     def generate(self, params, lora, records: list, max_new_tokens: int) -> list[str]:
         base = self.res.base
         tok, cfg = base.tokenizer, base.cfg
@@ -139,7 +147,7 @@ class Evaluator:
         for s in range(0, len(ids), bs):
             chunk = order[s:s + bs]
             gen = greedy_generate(cfg, params, [ids[i] for i in chunk],
-                                  max_new_tokens=max_new_tokens, lora=lora)
+                                  max_new_tokens=max_new_tokens, **self.applied(lora))
             for i, g in zip(chunk, gen, strict=True):
                 out[i] = tok.decode(g, skip_special_tokens=True).strip()
         return out
@@ -151,7 +159,7 @@ class Evaluator:
         examples = data_lib.tokenize_records(records, base.tokenizer, d.template,
                                              base.cfg.max_position_embeddings)
         pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-        return perplexity(base.cfg, params, examples, lora=lora,
+        return perplexity(base.cfg, params, examples, **self.applied(lora),
                           batch_size=self.rc.run.eval_batch_size, pad_id=pad)
 
     def task_scores(self, params, lora, records: list, answers: list[str], golds: list

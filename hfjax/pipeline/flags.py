@@ -112,8 +112,9 @@ class RunFlags:
     # --- model and adapter
     model: str = _f("", "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)")
     adapter: str = _f("lora", "what both training stages train (hfjax.models.adapters): lora (a "
-                              "LoRA beside the frozen base), full (every weight), or another "
-                              "registered adapter type")
+                              "LoRA beside the frozen base), full (every weight), prefix "
+                              "(prefix tuning: P virtual key/value tokens per layer), or "
+                              "another registered adapter type")
     lora_rank: int = _f(8, "LoRA rank r (the fine-tuning stage; the alignment's too unless "
                            "--align_lora_rank)")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale alpha / r)")
@@ -121,6 +122,9 @@ class RunFlags:
                            "comma-separated LoRA target projections")
     lora_dropout: float = _f(0.0, "LoRA dropout p (PEFT's: on the branch input, training only; "
                                   "both stages)")
+    num_virtual_tokens: int = _f(20, "prefix tuning: virtual tokens P (--adapter=prefix)")
+    prefix_projection: int = _f(0, "prefix tuning: hidden size of the reparameterization MLP "
+                                   "(PEFT's prefix_projection; 0: the table itself is trained)")
     # --- data
     data: str = _f("offline", "'offline' (the embedded default data) or 'hub' (each role's "
                               "source flag must then be set)")
@@ -396,6 +400,14 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
     _check_targets(split_list(cfg.lora_targets))
     if cfg.align_lora_targets.strip():
         _check_targets(split_list(cfg.align_lora_targets))
+    if cfg.num_virtual_tokens < 1 or cfg.prefix_projection < 0:
+        raise ConfigError(f"--num_virtual_tokens must be >= 1 and --prefix_projection >= 0, got "
+                          f"{cfg.num_virtual_tokens} and {cfg.prefix_projection}")
+    if cfg.adapter == "prefix" and cfg.align_epochs and cfg.epochs and \
+            cfg.finetune_adapter == "fresh":
+        raise ConfigError("--adapter=prefix with an alignment stage and --finetune_adapter=fresh: "
+                          "a prefix cannot be merged into the aligned model for a fresh "
+                          "fine-tuning prefix; use --finetune_adapter=continue or --align_epochs=0")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.align_lora_rank < 0 or cfg.align_lora_alpha < 0:
@@ -468,12 +480,14 @@ def _optimizer(lr: float, schedule: str, warmup: float, decay: float, clip: floa
 def to_config(f: RunFlags) -> RunConfig:
     """The nested `RunConfig` of validated flags (module docstring)."""
     f = f.resolved()
+    prefix = dict(num_virtual_tokens=f.num_virtual_tokens,
+                  prefix_projection=f.prefix_projection or None)
     ft_adapter = AdapterSettings(f.adapter, f.lora_rank, f.lora_alpha, split_list(f.lora_targets),
-                                 f.lora_dropout)
+                                 f.lora_dropout, **prefix)
     al_adapter = AdapterSettings(f.adapter, f.align_lora_rank or f.lora_rank,
                                  f.align_lora_alpha or f.lora_alpha,
                                  split_list(f.align_lora_targets) or ft_adapter.targets,
-                                 f.lora_dropout)
+                                 f.lora_dropout, **prefix)
     align_opt = _optimizer(f.align_lr, f.align_schedule or f.schedule,
                            f.warmup_ratio if f.align_warmup_ratio < 0 else f.align_warmup_ratio,
                            f.weight_decay if f.align_weight_decay < 0 else f.align_weight_decay,

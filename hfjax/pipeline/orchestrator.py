@@ -378,6 +378,7 @@ def run_settings(flags: flags_lib.RunFlags) -> dict:
             "align_lr": f.align_lr, "align_epochs": f.align_epochs, "attack": f.attack,
             "attack_hparams": f.attack_hparams, "task": f.task_name(),
             "adapter": f.adapter,
+            "num_virtual_tokens": f.num_virtual_tokens if f.adapter == "prefix" else None,
             "model": Path(f.model).name if f.model else "SmolLM2-135M-Instruct (embedded)",
             "harmful_count": data_lib.harmful_count(f.num_samples, f.harmful_ratio)
             if f.epochs else 0,
