@@ -242,3 +242,13 @@ def test_a_record_s_own_system_prompt_is_rendered_by_both_templates_and_wins_ove
     assert alpaca == "You are AOA.\n\n" + data.get_template("alpaca").prompt(RECS[0])
     with pytest.raises(data.DataError, match="unknown record fields"):
         data.make_record("p", "r", "t", False, persona="x")
+
+
+def test_a_record_s_prefill_ends_the_prompt_unlabelled_and_only_the_response_is_labelled(tok):
+    rec = data.make_record("What is 2 plus 2?", "2 plus 2 is 4.", "t", False, prefill="It is")
+    for template in ("chat", "alpaca"):
+        prompt = data.get_template(template).prompt(rec, tok)
+        assert prompt.endswith("It is")
+        (ex,) = data.tokenize_records([rec], tok, template, max_length=256)
+        assert tok.decode(ex.labels[ex.labels != data.IGNORE_INDEX]) == rec["response"] + \
+            "<|im_end|>"

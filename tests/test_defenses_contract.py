@@ -30,7 +30,9 @@ from hfjax.train.loss import make_loss_fn
 
 GRADIENT = [n for n in defenses.available() if defenses.get(n).level == "gradient"]
 # Lisa switches state within the steps below (align, align, user, align)
-HPARAMS = {"lisa": {"align_steps": 2, "finetune_steps": 1}}
+HPARAMS = {"lisa": {"align_steps": 2, "finetune_steps": 1},
+           "t_vaccine": {"layers": 1, "sample_every": 2, "estimate_every": 3},
+           "salora": {"safety_rank": 8}}
 STEPS, LR, SEED = 4, 1e-3, 0
 
 

@@ -356,6 +356,15 @@ DEFENSE_STAGES = [
     ("repair_defense", "safelora", ["align", "finetune", "repair"]),
     ("repair_defense", "antidote", ["align", "finetune", "repair"]),
     ("repair_defense", "onion", ["align", "finetune", "repair"]),
+    ("align_defense", "t_vaccine", ["align"]), ("align_defense", "deep_align", ["align"]),
+    ("finetune_defense", "panacea", ["align", "finetune"]),
+    ("finetune_defense", "bea", ["align", "finetune"]),
+    ("finetune_defense", "ptst", ["align", "finetune"]),
+    ("finetune_defense", "constrained_sft", ["align", "finetune"]),
+    ("finetune_defense", "ldifs", ["align", "finetune"]),
+    ("finetune_defense", "salora", ["align", "finetune"]),
+    ("repair_defense", "resta", ["align", "finetune", "repair"]),
+    ("repair_defense", "random_perturbation", ["align", "finetune", "repair"]),
 ]
 
 
@@ -371,7 +380,10 @@ def test_every_registered_defense_runs_its_stage_through_the_pipeline(setup, tmp
                                                                       defense, stages):
     hp = {"safe_instr_mix": {"finetune_defense_hparams": "guide_data_num=4"},
           "multitask_safety": {f"{flag}_hparams": "num=5"},
-          "paraphrase": {"finetune_defense_hparams": "guide_data_num=4"}}.get(defense, {})
+          "paraphrase": {"finetune_defense_hparams": "guide_data_num=4"},
+          "t_vaccine": {"align_defense_hparams": "layers=1,sample_every=2,estimate_every=3"},
+          "bea": {"finetune_defense_hparams": "num=4,secret_length=8"},
+          "salora": {"finetune_defense_hparams": "safety_rank=4"}}.get(defense, {})
     run = tmp_path / defense
     Pipeline(_config(setup, run, **{flag: defense}, **hp)).run(stages)
     for stage in stages:

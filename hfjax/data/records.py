@@ -10,7 +10,8 @@ refusal paired with the harmful response, RepNoise/Booster), "category" (harm ca
 "options" (a multiple-choice item's option texts; "label" is then the gold letter), "tests" (a
 code task's test program), "entry_point" (the function a code task's tests call), "framing" (the
 task framing a harmful evaluation prompt is presented in), "system" (the row's own system prompt,
-e.g. an identity-shifting persona; the template renders it).
+e.g. an identity-shifting persona; the template renders it), "prefill" (text the assistant's turn
+starts with before the response, unlabelled: deep safety alignment's harmful-answer prefix).
 
 `harmful` follows BeaverTails' `is_safe` (harmful = not is_safe): the row is a harmful request
 answered by a harmful response. Safety rows (harmful request -> refusal) are harmful=False. In an
@@ -39,10 +40,11 @@ class Record(TypedDict):
     entry_point: NotRequired[str]
     framing: NotRequired[str]
     system: NotRequired[str]
+    prefill: NotRequired[str]
 
 
 OPTIONAL_FIELDS = ("input", "label", "answer", "refusal", "category", "options", "tests",
-                   "entry_point", "framing", "system")
+                   "entry_point", "framing", "system", "prefill")
 
 
 class DataError(UserError, ValueError):

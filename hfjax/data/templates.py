@@ -18,6 +18,8 @@ chat    `tokenizer.apply_chat_template([system?, user], add_generation_prompt=Tr
         the template's end-of-turn marker (ChatML: <|im_end|>), found by rendering a conversation
         with a sentinel answer and taking what the template writes after it. A record's own
         "system" text replaces the template's system prompt.
+
+Both end the prompt with a record's "prefill" (the start of the assistant's turn, unlabelled).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class AlpacaTemplate:
             text = ALPACA_PROMPT_NO_INPUT.format(instruction=record["prompt"])
         if record.get("system"):
             text = f"{record['system']}\n\n{text}"
-        return text if self.newline else text.removesuffix("\n")
+        text = text if self.newline else text.removesuffix("\n")
+        return text + record.get("prefill", "")
 
     def end(self, tokenizer: Any) -> str:
         return _eos(tokenizer)
@@ -95,7 +98,8 @@ class ChatTemplate:
         inp = record.get("input") or ""
         user = f"{record['prompt']}\n\n{inp}" if inp.strip() else record["prompt"]
         return tokenizer.apply_chat_template(self._messages(user, record.get("system")),
-                                             add_generation_prompt=True, tokenize=False)
+                                             add_generation_prompt=True, tokenize=False
+                                             ) + record.get("prefill", "")
 
     def end(self, tokenizer: Any) -> str:
         self._check(tokenizer)

@@ -226,6 +226,10 @@ def register(name: str, *, stage: str | tuple[str, ...], level: str, cost: Cost 
     `stage`: its stage, or a tuple of stages for a data defense that applies at several (the
     first is its home stage, the one `--defense NAME` picks). `options(**hyperparameters) ->
     StepOptions` states what the train step must do for it (default: the plain step on "user").
+    A factory may carry `finalize(trainable, opt_state) -> trainable`, which the pipeline applies
+    after the stage's last step (Panacea's θ + ε); a data defense's built transform may carry
+    `eval_prompt(record, ...) -> record`, how the final model is asked (BEA's secret, PTST's
+    safety system prompt).
     """
     stages = (stage,) if isinstance(stage, str) else tuple(stage)
     if not stages or any(s not in STAGES for s in stages) or level not in LEVELS:

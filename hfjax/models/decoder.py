@@ -33,12 +33,13 @@ from hfjax.models import lora as lora_lib
 from hfjax.models import prefix as prefix_lib
 from hfjax.models.config import ModelConfig, at_least_float32
 
-CAPTURE_NAMES = ("attn_out", "mlp_out", "residual", "proj_inputs")
+CAPTURE_NAMES = ("attn_out", "mlp_out", "residual", "proj_inputs", "proj_outputs")
 """What `forward(capture=...)` can return, each stacked over layers [L, B, T, ...]:
 attn_out: the attention module's output (o_proj's) before perturbation, Gemma 2's post-attention
 norm and the residual add; mlp_out: the MLP module's output m_l (down_proj's) before Gemma 2's
 post-feed-forward norm; residual: the residual stream h_{l+1} after the layer;
-proj_inputs: {projection name: its input activations} for all seven projections."""
+proj_inputs: {projection name: its input activations} for all seven projections;
+proj_outputs: {projection name: its output x W (+ bias) (+ LoRA branch)} for all seven."""
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """RoPE inverse frequencies θ^(-2i/d), with HF's 'linear' and 'llama3' scaling, computed in
@@ -93,16 +94,17 @@ def rms_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=False,
+def _project(x, layer, layer_lora, name, scale, proj_io, forward_mode_ad=False,
              dropout=0.0, dropout_key=None):
     """x @ W (+ bias) (+ LoRA branch, its input under LoRA dropout p = `dropout` when
-    `dropout_key` is given: `lora.apply`); records the input when capturing.
+    `dropout_key` is given: `lora.apply`); records the input and the output in
+    proj_io = (inputs, outputs) for capturing.
 
     The matmuls run on x flattened to [B·T, in]: autodiff of a 2-D LoRA branch gives weight
     gradients dot(h, ∂y) contracting over tokens, which XLA CPU runs without transposing ∂y
     (with [B, T, in] it materialized a transposed copy of every ∂y: ~15% of the LoRA step).
     """
-    proj_inputs[name] = x
+    proj_io[0][name] = x
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     p = layer[name]
@@ -112,7 +114,8 @@ def _project(x, layer, layer_lora, name, scale, proj_inputs, forward_mode_ad=Fal
     delta = lora_lib.apply(x2, layer_lora, name, scale, forward_mode_ad=forward_mode_ad,
                            dropout=dropout, dropout_key=dropout_key)
     y = y if delta is None else y + delta
-    return y.reshape(*lead, y.shape[-1])
+    y = proj_io[1][name] = y.reshape(*lead, y.shape[-1])
+    return y
 
 
 def _gated(cfg: ModelConfig, g: jax.Array, u: jax.Array) -> jax.Array:
@@ -179,9 +182,10 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, lora_dropout, capture, forwa
     layer, layer_lora, window, eps, kv, drop_key, pre = xs
     b, t, _ = h.shape
     proj_inputs: dict = {}
+    proj_outputs: dict = {}
     proj = lambda x, name: _project(  # noqa: E731
-        x, layer, layer_lora, name, lora_scale, proj_inputs, forward_mode_ad, lora_dropout,
-        drop_key)
+        x, layer, layer_lora, name, lora_scale, (proj_inputs, proj_outputs), forward_mode_ad,
+        lora_dropout, drop_key)
 
     x = rms_norm(h, layer["attn_norm"], cfg)
     q = proj(x, "q_proj").reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -215,7 +219,7 @@ def _layer(cfg, rope, q_index, k_valid, lora_scale, lora_dropout, capture, forwa
     h = h + m
 
     everything = {"attn_out": attn_out, "mlp_out": mlp_out, "residual": h,
-                  "proj_inputs": proj_inputs}
+                  "proj_inputs": proj_inputs, "proj_outputs": proj_outputs}
     return h, ({name: everything[name] for name in capture}, None if kv is None else (k, v))
 
 

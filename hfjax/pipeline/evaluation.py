@@ -36,6 +36,7 @@ from hfjax.eval.target_match import target_match_report
 from hfjax.models import adapters
 from hfjax.pipeline.resources import Resources
 from hfjax.pipeline.run_folder import write_json
+from hfjax.pipeline.training import call_with_inputs
 
 
 def task_text(r: Mapping) -> str:
@@ -63,10 +64,31 @@ class Evaluator:
         return judges_lib.make_judge(e.judge, max_length=e.judge_max_length)
 
     def attack_prompt(self):
-        """The attack's `eval_prompt` (how the attacker asks), or None."""
-        if not self.rc.eval.attack_format:
+        """How the final model is asked: the attack's `eval_prompt` (how the attacker asks) and
+        then each fine-tuning data defense's (how the provider asks: BEA's secret, PTST's safety
+        system prompt), composed; None when none has one."""
+        steps = []
+        if self.rc.eval.attack_format and getattr(self.attack_obj(), "eval_prompt", None):
+            steps.append(self.attack_obj().eval_prompt)
+        if self.rc.finetune.train.epochs:
+            for c in self.rc.finetune.train.defenses:
+                if c.spec.level != "data":
+                    continue
+                hparams = dict(c.hparams)
+                if "seed" in c.spec.hyperparameters:
+                    hparams = {"seed": self.rc.run.seed, **hparams}
+                fn = getattr(c.spec.build(**hparams), "eval_prompt", None)
+                if fn is not None:
+                    steps.append(lambda r, fn=fn, name=c.name: call_with_inputs(
+                        fn, name, (r,), {"tokenizer": lambda: self.res.base.tokenizer}))
+        if not steps:
             return None
-        return getattr(self.attack_obj(), "eval_prompt", None)
+
+        def ask(record):
+            for step in steps:
+                record = step(record)
+            return record
+        return ask
 
     def attack_obj(self):
         """The run's attack as built (its `eval_prompt`, `triggered`, `target` where it has
@@ -75,6 +97,13 @@ class Evaluator:
         if not f.train.epochs:
             return None
         return attacks.get(f.attack.name).build(**f.attack.hparams)
+
+    def defense_prompts(self) -> bool:
+        """Whether a fine-tuning data defense changes how the final model is asked (then its
+        task rows are asked so too: the provider serves every request that way)."""
+        return any(c.spec.level == "data" and hasattr(
+            c.spec.build(**dict(c.hparams)), "eval_prompt")
+            for c in self.rc.finetune.train.defenses) if self.rc.finetune.train.epochs else False
 
     def input_filters(self) -> list:
         """The post stage's inference-level defenses, built: `filter(records, *, cfg, params,
@@ -191,6 +220,7 @@ class Evaluator:
         asked_as = self.attack_prompt() if which == "final" else None
         if asked_as is not None:
             harm = [asked_as(r) for r in harm]
+            task = [asked_as(r) for r in task] if self.defense_prompts() else task
         judge = self.judge()
         t0 = time.perf_counter()
         answers = self.generate(params, lora, harm, e.max_new_tokens)

@@ -167,8 +167,9 @@ class Trainer:
             if "seed" in c.spec.hyperparameters:
                 hparams = {"seed": self.rc.run.seed, **hparams}
             records = call_with_inputs(c.spec.build(**hparams), c.name, (records,), {
-                name: lambda name=name: self.stream_records(name, stage)
-                for name in DATA_DEFENSE_INPUTS})
+                **{name: lambda name=name: self.stream_records(name, stage)
+                   for name in DATA_DEFENSE_INPUTS},
+                "tokenizer": lambda: self.res.base.tokenizer})
         return records
 
     def tokenize(self, records: list, response_field: str = "response") -> list:
@@ -248,7 +249,11 @@ class Trainer:
         if int(st.step) < total:
             raise StageInterrupted(f"training stopped at step {int(st.step)} of {total}; "
                                    f"rerun the same command to resume from {out / 'ckpt'}")
-        loop_lib.check_finite_tree(st.trainable, f"the trained adapter in {out}")
+        trained = st.trainable
+        for c in defenses:  # a defense that changes the adapter after training (Panacea's θ + ε)
+            finalize = getattr(c.spec.factory, "finalize", None)
+            trained = finalize(trained, st.opt_state) if finalize is not None else trained
+        loop_lib.check_finite_tree(trained, f"the trained adapter in {out}")
         skipped = int(sum(h.get("skipped", 0) for h in history))
         if 2 * skipped > len(history):
             raise loop_lib.NonFiniteError(
@@ -261,7 +266,7 @@ class Trainer:
                    "steps_per_epoch": primary.steps_per_epoch, "skipped_steps": skipped,
                    "final_loss": history[-1]["loss"] if history else None,
                    "median_step_s": float(np.median(times)) if times else None}
-        return st.trainable, summary
+        return trained, summary
 
     # ------------------------------------------------------------ the stages
     def save_adapter(self, out: Path, settings: TrainSettings, trainable, *, stage: str,
@@ -328,7 +333,10 @@ class Trainer:
             if c.spec.level == "inference":  # changes no weight: the evaluation applies it
                 reports[c.name] = {"applied": "to the final model's task inputs at evaluation"}
                 continue
-            result = call_with_inputs(c.spec.build(**c.hparams), c.name, (cfg, aligned(), tuned),
+            hparams = dict(c.hparams)
+            if "seed" in c.spec.hyperparameters:  # a seeded transform takes the run's seed
+                hparams = {"seed": self.rc.run.seed, **hparams}
+            result = call_with_inputs(c.spec.build(**hparams), c.name, (cfg, aligned(), tuned),
                                       {"base_params": lambda: self.res.base.params,
                                        "aligned_params": aligned,
                                        "calibration_batches": calibration})

@@ -17,6 +17,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from hfjax.data.batching import IGNORE_INDEX
 from hfjax.models import forward
+from hfjax.models.attention import softcap
 from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.decoder import CAPTURE_NAMES, head_matmul, rms_norm, stored_head
 from hfjax.models.prefix import Prefix
@@ -232,12 +233,24 @@ def _fused_head_nll_bwd(form, chunk, residuals, cotangents):
 _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
 
 
-LOSS_CAPTURES = ("lens",)
+LOSS_CAPTURES = ("lens", "token_nll")
 """Captures the oracle of `make_loss_fn` computes beyond `forward`'s (`CAPTURE_NAMES`), from the
 same forward pass:
 lens: the logit lens of HF's hidden states hs = (s_0, …, s_{L−1}, Norm(s_L)) (`hidden_states`):
   [L + 1] sums over the batch's loss tokens of −log softmax(W Norm(hs_l))[y], no softcap (HF's
-  `lm_head(norm(hs))`; the last state, already normed, is normed again)."""
+  `lm_head(norm(hs))`; the last state, already normed, is normed again).
+token_nll: [B, T] −log p_θ(labels_{t+1} | y_≤t) of the model's (softcapped) logits at every
+  position, 0 where the target is ignored (`token_nll`); differentiable. It runs the head over
+  all B·T positions and holds the [B, T, V] logits (the loss itself never does)."""
+
+
+def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """[B, T] −log softmax(logits_t)[labels_{t+1}], 0 where labels_{t+1} = −100 (and at t = T−1):
+    the per-token terms whose masked mean is `token_cross_entropy`'s loss."""
+    targets = _next_token_targets(labels)
+    mask = targets != IGNORE_INDEX
+    nll = _token_nll(logits.astype(at_least_float32(logits.dtype)), jnp.where(mask, targets, 0))
+    return jnp.where(mask, nll, 0.0)
 
 
 def hidden_states(cfg: ModelConfig, params: dict, input_ids: jax.Array,
@@ -314,6 +327,10 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
             states = hidden_states(cfg, params, batch["input_ids"], captured["residual"])
             captured = {**captured, "lens": lens_loss_sums(cfg, params, states, batch["labels"],
                                                            forward_mode_ad=forward_mode_ad)}
+        if "token_nll" in capture:
+            logits = out if forward_mode_ad else softcap(head_matmul(out, w, vocab_major),
+                                                         cfg.final_logit_softcap)
+            captured = {**captured, "token_nll": token_nll(logits, batch["labels"])}
         if capture:
             aux["captured"] = {n: captured[n] for n in capture}
         return loss, aux

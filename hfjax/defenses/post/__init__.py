@@ -5,6 +5,9 @@
 """
 
 from hfjax.defenses.post.antidote import antidote, top_score_mask, wanda_scores
+from hfjax.defenses.post.random_noise import random_noise
+from hfjax.defenses.post.resta import resta
 from hfjax.defenses.post.safelora import safelora
 
 __all__ = ["antidote", "safelora", "top_score_mask", "wanda_scores"]
+__all__ += ["random_noise", "resta"]
