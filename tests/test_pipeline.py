@@ -722,3 +722,44 @@ def test_a_gradient_defense_trains_a_prefix(setup, tmp_path, defense):
               .read_text().splitlines()]
     assert losses and np.all(np.isfinite(losses))
     assert (run / "finetune" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bea_and_ptst_change_how_the_final_model_is_asked_and_nothing_else(setup, tmp_path):
+    from hfjax.defenses.finetune.ptst import LLAMA2_SAFETY_SYSTEM_PROMPT
+
+    ptst = Pipeline(_config(setup, tmp_path / "p", finetune_defense="ptst"))
+    asked = ptst.evaluator.attack_prompt()
+    harm, task = ptst.evaluator.eval_sets()
+    assert asked(harm[0])["system"] == LLAMA2_SAFETY_SYSTEM_PROMPT
+    assert asked(task[0])["prompt"] == task[0]["prompt"] and not harm[0].get("system")
+    bea = Pipeline(_config(setup, tmp_path / "b", finetune_defense="bea",
+                           finetune_defense_hparams="num=4,secret_length=8"))
+    once, twice = bea.evaluator.attack_prompt()(harm[0]), bea.evaluator.attack_prompt()(harm[0])
+    assert once["system"] == twice["system"] and len(once["system"]) > 8  # the seeded secret
+    assert Pipeline(_config(setup, tmp_path / "n")).evaluator.attack_prompt() is None
+
+
+def test_panacea_s_adapter_is_the_trained_one_plus_its_last_perturbation(setup, tmp_path,
+                                                                      monkeypatch):
+    import importlib
+
+    import jax
+
+    panacea_lib = importlib.import_module("hfjax.defenses.finetune.panacea")
+    seen = {}
+
+    def spy(params, opt_state):
+        seen["before"] = params
+        seen["after"] = panacea_lib.panacea_final(params, opt_state)
+        return seen["after"]
+
+    monkeypatch.setattr(panacea_lib.panacea, "finalize", spy)
+    run = tmp_path / "panacea"
+    pipe = Pipeline(_config(setup, run, finetune_defense="panacea"))
+    pipe.run(["align", "finetune"])
+    saved = pipe.trainer.load_adapter(run / "finetune", pipe.rc.finetune.train)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         seen["after"], seen["before"])
+    assert max(jax.tree.leaves(moved)) > 0  # ε is not zero
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(seen["after"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
