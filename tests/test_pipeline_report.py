@@ -40,8 +40,9 @@ def test_sweep_table_and_worst_case_report_the_attacked_models_degenerate_share(
     assert "degenerate there (%)" in report.worst_case_table(RESULTS)
 
 
-def _framed_run(task: str, seed: int, hs_final: dict, fa, scores=None) -> dict:
-    settings = {"defense": "none", "harmful_ratio": 0.0, "num_samples": 100, "lr": 1e-4,
+def _framed_run(task: str, seed: int, hs_final: dict, fa, scores=None,
+                defense: str = "none") -> dict:
+    settings = {"defense": defense, "harmful_ratio": 0.0, "num_samples": 100, "lr": 1e-4,
                 "epochs": 1, "seed": seed, "task": task}
     aligned = {"model": "aligned", "label": "aligned", "harmful_score": 0.1,
                "finetune_accuracy": 0.5, "judge": "kw", "task": task,
@@ -56,14 +57,18 @@ def test_task_matrix_has_a_none_row_then_one_row_per_task_averaging_its_runs(tmp
     results = [_framed_run("sst2", 0, {"code": 0.6, "plain": 0.2}, 0.9),
                _framed_run("sst2", 1, {"plain": 0.4, "code": 0.8}, 0.7),
                _framed_run("wikitext", 0, {"plain": 0.5, "code": 1.0}, None,
-                           {"perplexity": 12.5})]
+                           {"perplexity": 12.5}),
+               _framed_run("sst2", 0, {"plain": 0.0, "code": 0.0}, 0.9,
+                           defense="multitask_safety")]
     framings, rows = report.task_matrix(results)
     assert framings == ["plain", "code"]
-    assert [r["finetune_task"] for r in rows] == ["none", "sst2", "wikitext"]
+    assert [r["finetune_task"] for r in rows] == ["none", "sst2", "sst2 + multitask_safety",
+                                                  "wikitext"]
+    assert rows[2]["hs_code"] == 0.0  # a defended run is its own row, not averaged in
     assert rows[0]["hs_plain"] == 0.0 and abs(rows[0]["hs_code"] - 0.2) < 1e-12
     assert abs(rows[1]["hs_plain"] - 0.3) < 1e-12 and abs(rows[1]["hs_code"] - 0.7) < 1e-12
     assert abs(rows[1]["task_score"] - 0.8) < 1e-12 and rows[1]["task_score_name"] == "FA"
-    assert rows[2]["task_score"] == 12.5 and rows[2]["task_score_name"] == "perplexity"
+    assert rows[3]["task_score"] == 12.5 and rows[3]["task_score_name"] == "perplexity"
     table = report.task_matrix_table(framings, rows)
     last = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
     assert last == ["wikitext", "50.0", "100.0", "12.50 perplexity"]
@@ -103,3 +108,10 @@ def test_poison_report_has_one_row_per_poisoned_run_and_a_panel_per_varied_facto
         "task,num_virtual_tokens,trigger_type")
     assert (tmp_path / "poison_vs_factors.png").read_bytes()[:4] == b"\x89PNG"
     assert report.plot_poison(rows[:1], tmp_path / "none.png") is None  # nothing varies
+
+
+def test_the_sweep_table_names_the_task_and_attack_settings_only_where_they_vary():
+    assert "| task" not in report.sweep_table(RESULTS)
+    runs = [_framed_run("sst2", 0, {"plain": 0.2}, 0.9), _framed_run("xsum", 0, {"plain": 0.4}, 0.5)]
+    header = [c.strip() for c in report.sweep_table(runs).splitlines()[0].split("|")[1:-1]]
+    assert header[:2] == ["task", "defense"]

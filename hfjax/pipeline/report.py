@@ -103,13 +103,19 @@ def run_table(res: Mapping) -> str:
 
 
 def sweep_table(results: Sequence[Mapping]) -> str:
-    """All runs: settings and HS/FA of the unaligned, aligned and attacked(+defense) models."""
-    header = ["defense", "p", "n", "lr", "epochs", "seed", "HS unaligned", "HS aligned",
-              "HS attacked", "degenerate attacked", "FA unaligned", "FA aligned", "FA attacked"]
-    body = [[str(r["defense"]), str(r["harmful_ratio"]), str(r["num_samples"]), f"{r['lr']:g}",
-             str(r["epochs"]), str(r["seed"]), *(_pct(r[f"hs_{m}"]) for m in MODELS),
-             _pct(r["degenerate_final"]), *(_pct(r[f"fa_{m}"]) for m in MODELS)]
-            for r in wide_rows(results)]
+    """All runs: settings and HS/FA of the unaligned, aligned and attacked(+defense) models
+    (with the task and the attack's hyper-parameters as first columns where they vary)."""
+    rows = wide_rows(results)
+    varied = [k for k in ("task", "attack_hparams")
+              if len({str(res["settings"].get(k)) for res in results}) > 1]
+    header = [*varied, "defense", "p", "n", "lr", "epochs", "seed", "HS unaligned",
+              "HS aligned", "HS attacked", "degenerate attacked", "FA unaligned", "FA aligned",
+              "FA attacked"]
+    body = [[*(str(res["settings"].get(k)) for k in varied), str(r["defense"]),
+             str(r["harmful_ratio"]), str(r["num_samples"]), f"{r['lr']:g}", str(r["epochs"]),
+             str(r["seed"]), *(_pct(r[f"hs_{m}"]) for m in MODELS), _pct(r["degenerate_final"]),
+             *(_pct(r[f"fa_{m}"]) for m in MODELS)]
+            for res, r in zip(results, rows, strict=True)]
     return markdown_table(header, body)
 
 
@@ -186,10 +192,11 @@ def _framed(row: Mapping) -> Mapping[str, float]:
 
 
 def task_matrix(results: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
-    """(framings, rows): HS per harmful framing of each fine-tuning task's attacked model, and a
-    first row "none" for the model before fine-tuning (the aligned model, else the base), with
-    the task's FA (or its score, e.g. perplexity) beside. Runs of one task (other settings,
-    seeds) are averaged. Empty when no run evaluated framed prompts."""
+    """(framings, rows): HS per harmful framing of each fine-tuning task's attacked model (one
+    row per task and defense: "xsum", "xsum + multitask_safety"), and a first row "none" for the
+    model before fine-tuning (the aligned model, else the base), with the task's FA (or its
+    score, e.g. perplexity) beside. Runs of one row (other seeds, ratios) are averaged. Empty
+    when no run evaluated framed prompts."""
     framings: list[str] = []
     cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     scores: dict[str, list[float]] = defaultdict(list)
@@ -198,7 +205,9 @@ def task_matrix(results: Sequence[Mapping]) -> tuple[list[str], list[dict]]:
         by = {r["model"]: r for r in res["rows"]}
         before = by.get("aligned") or by.get("base")
         task = str(res["settings"].get("task", "?"))
-        for label, row in (("none", before), (task, by.get("final"))):
+        defense = str(res["settings"].get("defense", "none"))
+        tuned = task if defense == "none" else f"{task} + {defense}"
+        for label, row in (("none", before), (tuned, by.get("final"))):
             if row is None or not _framed(row):
                 continue
             for framing, hs in _framed(row).items():
