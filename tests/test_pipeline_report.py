@@ -112,6 +112,7 @@ def test_poison_report_has_one_row_per_poisoned_run_and_a_panel_per_varied_facto
 
 def test_the_sweep_table_names_the_task_and_attack_settings_only_where_they_vary():
     assert "| task" not in report.sweep_table(RESULTS)
-    runs = [_framed_run("sst2", 0, {"plain": 0.2}, 0.9), _framed_run("xsum", 0, {"plain": 0.4}, 0.5)]
+    runs = [_framed_run("sst2", 0, {"plain": 0.2}, 0.9),
+            _framed_run("xsum", 0, {"plain": 0.4}, 0.5)]
     header = [c.strip() for c in report.sweep_table(runs).splitlines()[0].split("|")[1:-1]]
     assert header[:2] == ["task", "defense"]
