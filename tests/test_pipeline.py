@@ -213,7 +213,7 @@ def test_sweep_binary_writes_table_csv_plot_and_shares_stages(setup, tmp_path,
     assert "[finetune] done already" in out.stdout
 
 
-@pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 120), ("vaccine_paper", 2),
+@pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 264), ("vaccine_paper", 2),
                                            ("lisa_paper", 2), ("booster_paper", 2),
                                            ("booster_perturb_aware", 2), ("repnoise_gitdisl", 2),
                                            ("safe_instr_gitdisl", 2), ("antidote_paper", 2),
