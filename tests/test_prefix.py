@@ -509,4 +509,4 @@ def test_prefix_adapter_type_inits_saves_loads_and_refuses_to_merge(tmp_path):
 def test_weights_level_defenses_refuse_a_prefix_adapter(defense):
     with pytest.raises(ConfigError, match=f"--repair_defense={defense} maps a LoRA adapter; it "
                                           "does not apply to --adapter=prefix"):
-        validate(RunFlags(run_dir="r", adapter="prefix", repair_defense=defense))
+        validate(RunFlags(run_dir="r", adapter="prefix", align_epochs=0, repair_defense=defense))
