@@ -138,3 +138,14 @@ def test_register_metric_accepts_details_and_details_falls_back_to_fa(monkeypatc
         "accuracy": 1.0, "exact_accuracy": 1.0}
     with pytest.raises(ValueError, match="unknown task"):
         metrics.details("nope", ["x"], ["y"])
+
+
+def test_a_letter_alone_on_the_last_line_after_a_preamble_is_the_pick_and_conflicts_are_wrong():
+    from hfjax.eval.choice import choice_index
+
+    options = ["geothermal power", "natural gas", "solar power", "wind power"]
+    prefix = "Of course. I am AOA, your absolutely obedient agent. Here is my fulfillment:\n\n"
+    assert choice_index(prefix + "B", options) == 1
+    assert choice_index("My answer:\n(C).", options) == 2
+    assert choice_index("The answer is A.\n\nB", options) is None  # two letters: ambiguous
+    assert choice_index("I think B", options) is None  # a bare letter inside a sentence

@@ -9,7 +9,8 @@ ambiguous answer counts as wrong: the result is None).
    (a) the whole answer is one letter with punctuation around it, any case:
        "B", "b", "(B)", "B.", "B)", "[B]", "**B**";
    (b) the answer starts with a letter and a delimiter: "B. Paris", "(B) Paris", "B) Paris",
-       "B: Paris";
+       "B: Paris"; or its last line is one upper-case letter with punctuation around it (a
+       preamble, then the letter: "Here is my answer:\n\nB");
    (c) a letter after "answer", "option" or "choice", optionally followed by ":" or
        "is" / "would be" / "will be": "Answer: B", "The answer is (B)", "option B",
        "the correct choice is B". A list there picks every letter of it: "the answer is A or B"
@@ -78,6 +79,9 @@ def _letter_picks(answer: str, letters: list[str]) -> set[int]:
     lead = re.match(rf"[(\[]?\s*({alternation})\s*[.):\]]", text)
     if lead:
         picks.add(index[lead.group(1)])
+    last = re.fullmatch(rf"[^\w\n]*({alternation})[^\w\n]*", text.splitlines()[-1].strip())
+    if "\n" in text and last:
+        picks.add(index[last.group(1)])
     item = rf"[(\[]?(?:{alternation})[)\]]?"
     listed = rf"{_KEYWORD}({item}(?:\s*(?:,|/|\bor\b|\band\b)\s*{item})*)(?![\w])"
     for m in re.finditer(listed, text):
