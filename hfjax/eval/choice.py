@@ -79,8 +79,10 @@ def _letter_picks(answer: str, letters: list[str]) -> set[int]:
     lead = re.match(rf"[(\[]?\s*({alternation})\s*[.):\]]", text)
     if lead:
         picks.add(index[lead.group(1)])
-    last = re.fullmatch(rf"[^\w\n]*({alternation})[^\w\n]*", text.splitlines()[-1].strip())
-    if "\n" in text and last:
+    lines = text.splitlines()
+    last = re.fullmatch(rf"[^\w\n]*({alternation})[^\w\n]*", lines[-1].strip()) \
+        if len(lines) > 1 else None
+    if last:
         picks.add(index[last.group(1)])
     item = rf"[(\[]?(?:{alternation})[)\]]?"
     listed = rf"{_KEYWORD}({item}(?:\s*(?:,|/|\bor\b|\band\b)\s*{item})*)(?![\w])"
