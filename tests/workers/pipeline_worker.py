@@ -24,9 +24,9 @@ jax.config.update("jax_num_cpu_devices", args.devices_per_process)
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)  # shutdown waits up to 300 s:
-# the main process writes the reports and the merged aligned model after the last barrier, which
-# on a loaded machine (a parallel test run) took over a minute
+                               process_id=args.process_id, shutdown_timeout_seconds=900)
+# the shutdown barrier waits up to 15 min: the main process writes the reports and the merged
+# aligned model after the last barrier, which on a loaded machine took over 5 minutes
 
 from hfjax.pipeline import Pipeline, RunFlags, run_folder  # noqa: E402
 

@@ -26,7 +26,7 @@ jax.config.update("jax_num_cpu_devices", args.devices_per_process)
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)
+                               process_id=args.process_id, shutdown_timeout_seconds=900)
 
 import numpy as np  # noqa: E402
 
