@@ -46,6 +46,18 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> None:
     write_text(path, buf.getvalue())
 
 
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def load_results(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
     """The results.json of every run folder that has one (others are skipped)."""
     out = []
@@ -179,12 +191,7 @@ def plot_vs_ratio(results: Sequence[Mapping], path: str | os.PathLike) -> Path:
     axes[0].legend(title="defense")
     fig.suptitle("after the attack (and the defense)")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def _framed(row: Mapping) -> Mapping[str, float]:
@@ -275,12 +282,7 @@ def plot_task_matrix(framings: Sequence[str], rows: Sequence[Mapping],
     ax.set_ylabel("fine-tuned on")
     fig.colorbar(im, ax=ax, label="HS (%)")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 POISON_FACTORS = ("num_virtual_tokens", "trigger_type", "trigger_length", "position",
@@ -351,12 +353,7 @@ def plot_poison(rows: Sequence[Mapping], path: str | os.PathLike) -> Path | None
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike) -> str:

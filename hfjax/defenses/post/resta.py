@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfjax.defenses.api import DefenseError, register
+from hfjax.defenses.post.safelora import stacked_kernel
 from hfjax.models.config import ModelConfig, at_least_float32
 from hfjax.models.lora import LoRA, _check_against_cfg
 
@@ -72,17 +73,6 @@ def _factors(base_k: jax.Array, aligned_k: jax.Array, k: int) -> tuple[jax.Array
     return jax.lax.map(factor, (base_k, aligned_k))
 
 
-def _kernel(params: dict, name: str, which: str, shape: tuple[int, ...]) -> jax.Array:
-    layers = params.get("layers", {})
-    if name not in layers or "kernel" not in layers[name]:
-        raise DefenseError(f"RESTA: the {which} params have no layers.{name}.kernel")
-    kernel = layers[name]["kernel"]
-    if tuple(kernel.shape) != shape:
-        raise DefenseError(f"RESTA: {which} layers.{name}.kernel has shape "
-                           f"{tuple(kernel.shape)}, expected {shape} [layers, in, out]")
-    return kernel
-
-
 def changed_outside(base_params: dict, aligned_params: dict, targets: tuple[str, ...]
                     ) -> list[str]:
     """The paths of the weights, other than the targets' kernels, where the two models differ."""
@@ -117,8 +107,8 @@ def resta(cfg: ModelConfig, base_params: dict, aligned_params: dict, lora: LoRA,
     kernels, ranks = {}, {}
     for name, w in lora.weights.items():
         shape = (w["A"].shape[0], w["A"].shape[1], w["B"].shape[2])
-        kernels[name] = (_kernel(base_params, name, "base", shape),
-                         _kernel(aligned_params, name, "aligned", shape))
+        kernels[name] = (stacked_kernel(base_params, name, "base", shape, "RESTA"),
+                         stacked_kernel(aligned_params, name, "aligned", shape, "RESTA"))
         ranks[name] = [int(x) for x in jax.device_get(_numerical_ranks(*kernels[name]))]
     k = max(max(r) for r in ranks.values())
     ratio = float(safety_scale) / lora.scale

@@ -68,13 +68,16 @@ def _module_projection(base_k, aligned_k, a, b):
     return jax.lax.map(lambda xs: _layer_projection(*xs), (base_k, aligned_k, a, b))
 
 
-def _kernel(params: dict, name: str, which: str, shape: tuple[int, ...]) -> jax.Array:
+def stacked_kernel(params: dict, name: str, which: str, shape: tuple[int, ...],
+                   method: str = "SafeLoRA") -> jax.Array:
+    """The stacked [layers, in, out] kernel of projection `name` in `params` (the `which`
+    model's), or a DefenseError naming `method`, the model and what is missing or misshapen."""
     layers = params.get("layers", {})
     if name not in layers or "kernel" not in layers[name]:
-        raise DefenseError(f"SafeLoRA: the {which} params have no layers.{name}.kernel")
+        raise DefenseError(f"{method}: the {which} params have no layers.{name}.kernel")
     kernel = layers[name]["kernel"]
     if tuple(kernel.shape) != shape:
-        raise DefenseError(f"SafeLoRA: {which} layers.{name}.kernel has shape "
+        raise DefenseError(f"{method}: {which} layers.{name}.kernel has shape "
                            f"{tuple(kernel.shape)}, expected {shape} [layers, in, out]")
     return kernel
 
@@ -100,8 +103,8 @@ def safelora(cfg: ModelConfig, base_params: dict, aligned_params: dict, lora: Lo
     for name in names:
         a, b = lora.weights[name]["A"], lora.weights[name]["B"]
         shape = (a.shape[0], a.shape[1], b.shape[2])
-        base_k = _kernel(base_params, name, "base", shape)
-        aligned_k = _kernel(aligned_params, name, "aligned", shape)
+        base_k = stacked_kernel(base_params, name, "base", shape)
+        aligned_k = stacked_kernel(aligned_params, name, "aligned", shape)
         c, pb = _module_projection(base_k, aligned_k, a, b)
         cos[name], projected_b[name] = np.asarray(jax.device_get(c), np.float64), pb
 
