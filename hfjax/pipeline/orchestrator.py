@@ -215,6 +215,7 @@ class Pipeline:
         if name == "align":
             summary = self.trainer.run_align(out)
             self._aligned = None
+            barrier("align: adapter written")  # process 0 wrote it; every process reads it next
             self.aligned_model_folder()
             return summary
         if name == "finetune":
