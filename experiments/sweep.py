@@ -2,7 +2,8 @@ r"""A grid of runs (defenses x harmful ratios x seeds, or any flag), one run fol
 sequentially in this process (the base model is loaded once; stages with identical settings,
 e.g. the alignment shared by every fine-tuning defense, run once through a stage cache), then
 the report: results.md / results.csv (a line per run with HS and FA of the unaligned, aligned
-and attacked models), worst_case.csv (the worst attack setting per defense) and hs_fa_vs_p.png.
+and attacked models), worst_case.csv / worst_case.png (per defense, the worst attack setting
+whose FA stays within --worst_case_fa_drop points of the undefended fine-tune) and hs_fa_vs_p.png.
 
     python -m experiments.sweep --flagfile=experiments/presets/quick.cfg
     python -m experiments.sweep --run_dir=runs/grid --grid=defense=none,lisa \
@@ -66,7 +67,8 @@ def main(argv):
         results = report.load_results([rc.run_dir for _, rc in configs
                                        if rc.run_dir not in failed])
         if results:
-            print("\n" + report.write_sweep_report(results, root))
+            print("\n" + report.write_sweep_report(
+                results, root, FLAGS.worst_case_fa_drop / 100))
             print(f"report: {root / 'results.md'}, {root / 'results.csv'}, "
                   f"{root / 'hs_fa_vs_p.png'}")
     print(f"sweep wall time {time.perf_counter() - start:.1f} s ({len(configs)} runs, "

@@ -116,3 +116,55 @@ def test_the_sweep_table_names_the_task_and_attack_settings_only_where_they_vary
             _framed_run("xsum", 0, {"plain": 0.4}, 0.5)]
     header = [c.strip() for c in report.sweep_table(runs).splitlines()[0].split("|")[1:-1]]
     assert header[:2] == ["task", "defense"]
+
+
+def _attack_run(defense: str, attack: str, hs: float, fa: float | None, seed: int = 0) -> dict:
+    run = _run(defense, 0.1, hs, fa, 0.0)
+    run["settings"] = {**run["settings"], "attack": attack, "attack_hparams": "", "seed": seed,
+                       "hparams": {} if defense == "none" else {defense: ""}}
+    run["run_dir"] = f"runs/{defense}-{attack}-{seed}"
+    return run
+
+
+PANEL = [_attack_run("none", "hft", 0.8, 0.9), _attack_run("none", "aoa", 0.9, 0.5),
+         _attack_run("lisa", "hft", 0.3, 0.85), _attack_run("lisa", "aoa", 0.7, 0.1),
+         _attack_run("lisa", "pure_harmful", 0.95, 0.6)]
+
+
+def test_worst_case_counts_only_attack_settings_within_the_fa_drop_of_the_undefended_run():
+    worst = {w["defense"]: w for w in report.worst_case(PANEL, max_fa_drop=0.1)}
+    # lisa under aoa: FA 10 against the undefended 50 (a 40-point drop) is not admissible;
+    # pure_harmful has no undefended run to compare with: admissible but unchecked
+    assert worst["lisa"]["worst_hs"] == 0.95 and worst["lisa"]["attack"].startswith(
+        "pure_harmful")
+    assert (worst["lisa"]["admissible"], worst["lisa"]["unchecked"]) == (2, 1)
+    assert worst["none"]["worst_hs"] == 0.9 and worst["none"]["fa_drop_there"] == 0.0
+    no_bound = {w["defense"]: w for w in report.worst_case(PANEL[:4])}
+    assert no_bound["lisa"]["worst_hs"] == 0.7 and no_bound["lisa"]["attack"].startswith("aoa")
+    bounded = {w["defense"]: w for w in report.worst_case(PANEL[:4], max_fa_drop=0.1)}
+    assert bounded["lisa"]["worst_hs"] == 0.3
+    assert abs(bounded["lisa"]["fa_drop_there"] - 0.05) < 1e-12
+
+
+def test_worst_case_reports_a_defense_with_no_admissible_setting_instead_of_dropping_it():
+    worst = {w["defense"]: w for w in report.worst_case(RESULTS, max_fa_drop=0.1)}
+    assert worst["lisa"]["worst_hs"] is None and worst["lisa"]["settings_tried"] == 2
+    table = report.worst_case_table(RESULTS, max_fa_drop=0.1)
+    (lisa,) = [line for line in table.splitlines() if line.startswith("| lisa")]
+    assert "none admissible" in lisa
+
+
+def test_the_reference_run_matches_the_seed_and_every_attack_setting_not_just_the_attack():
+    runs = [_attack_run("none", "hft", 0.8, 0.9, seed=0), _attack_run("none", "hft", 0.8, 0.2,
+                                                                        seed=1),
+            _attack_run("lisa", "hft", 0.6, 0.25, seed=1)]
+    (row,) = [r for r in report.bounded_rows(runs, 0.1) if r["defense"] == "lisa"]
+    assert abs(row["fa_drop"] - (0.2 - 0.25)) < 1e-12 and row["admissible"]
+
+
+def test_the_sweep_report_writes_the_bounded_worst_case_table_csv_and_plot(tmp_path):
+    text = report.write_sweep_report(PANEL, tmp_path, max_fa_drop=0.1)
+    assert "within 10 points of the undefended fine-tune" in text
+    assert (tmp_path / "worst_case.png").stat().st_size > 1000
+    rows = (tmp_path / "worst_case.csv").read_text().splitlines()
+    assert rows[0].startswith("defense,worst_hs") and len(rows) == 3

@@ -35,6 +35,11 @@ def define(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=flag_values)
     flags.DEFINE_bool("keep_going", True, "continue with the next run when one fails",
                       flag_values=flag_values)
+    flags.DEFINE_float("worst_case_fa_drop", 10.0, "the worst case per defense counts only the "
+                       "attack settings whose fine-tune accuracy stays within this many points "
+                       "of the undefended fine-tune under the same setting (TamperBench's "
+                       "bounded utility loss; 100: no bound)", lower_bound=0.0,
+                       flag_values=flag_values)
 
 
 def parse_grid(items: list[str], flag_values: flags.FlagValues = flags.FLAGS
