@@ -3,6 +3,15 @@ named by --eval_models (base = unaligned, aligned, final = after fine-tuning and
 from the stages already in the run folder; prints the run's table.
 
     python -m experiments.evaluate --run_dir=runs/demo --eval_models=base,aligned,final
+
+An inference-time attack on the same models, e.g. prefilling the first 10 tokens of each
+harmful answer (hfjax.attacks.prefill), is an evaluation setting: give the run's flags plus
+--eval_attack. Its evaluation stages hold other settings than the plain ones, so --overwrite
+replaces those; to keep both, run the pipeline with --stage_cache and evaluate into a second
+--run_dir with the same --stage_cache (the trained stages are found there):
+
+    python -m experiments.evaluate --run_dir=runs/demo --eval_models=aligned,final \
+        --eval_attack=prefill --eval_attack_hparams=k=10 --overwrite
 """
 
 from absl import app

@@ -41,7 +41,8 @@ def main(argv):
     print(f"sweep: {len(configs)} runs under {root}", flush=True)
     if FLAGS.dry_run:
         for _, rc in configs:
-            print(f"  {rc.run_dir}: defense {rc.defense_label()}, p {rc.harmful_ratio}, "
+            print(f"  {rc.run_dir}: defense {rc.defense_label()}, attack {rc.attack}, "
+                  f"p {rc.harmful_ratio}, "
                   f"n {rc.num_samples}, lr {rc.lr:g}, seed {rc.seed}")
         return
     failed = []

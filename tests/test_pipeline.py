@@ -206,6 +206,8 @@ def test_sweep_binary_writes_table_csv_plot_and_shares_stages(setup, tmp_path,
     rows = (sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("defense,harmful_ratio")
     assert (sweep / "hs_fa_vs_p.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep / "worst_case.png").read_bytes()[:4] == b"\x89PNG"
+    assert "within 10 points of the undefended fine-tune" in table
     # The alignment is shared by all four runs; each p fine-tunes once for both defenses.
     assert len(list((sweep / "_stages").glob("align-*"))) == 1
     assert len(list((sweep / "_stages").glob("finetune-*"))) == 2
@@ -365,6 +367,7 @@ DEFENSE_STAGES = [
     ("finetune_defense", "salora", ["align", "finetune"]),
     ("repair_defense", "resta", ["align", "finetune", "repair"]),
     ("repair_defense", "random_perturbation", ["align", "finetune", "repair"]),
+    ("finetune_defense", "guard_filter", ["align", "finetune"]),
 ]
 
 

@@ -168,3 +168,18 @@ def test_the_sweep_report_writes_the_bounded_worst_case_table_csv_and_plot(tmp_p
     assert (tmp_path / "worst_case.png").stat().st_size > 1000
     rows = (tmp_path / "worst_case.csv").read_text().splitlines()
     assert rows[0].startswith("defense,worst_hs") and len(rows) == 3
+
+
+def test_the_guard_table_shows_virus_rows_passing_against_plain_harmful_rows(tmp_path):
+    virus = _attack_run("guard_filter", "virus", 0.4, 0.8)
+    virus["user_data"] = {"guard_filter": {"guard": "Llama-Guard-2-8B", "rows": {
+        "virus": {"total": 10, "passed": 9}, "benign": {"total": 90, "passed": 88}}}}
+    plain = _attack_run("guard_filter", "hft", 0.1, 0.8)
+    plain["user_data"] = {"guard_filter": {"guard": "Llama-Guard-2-8B", "rows": {
+        "harmful": {"total": 10, "passed": 1}, "benign": {"total": 90, "passed": 88}}}}
+    rows = report.guard_rows([virus, plain, PANEL[0]])
+    assert [(r["virus_passed"], r["harmful_passed"]) for r in rows] == [(9, None), (None, 1)]
+    text = report.write_sweep_report([virus, plain], tmp_path)
+    table = text.split("## Guard moderation")[1]
+    assert "| 9/10 " in table and "| 1/10 " in table and "Llama-Guard-2-8B" in table
+    assert (tmp_path / "guard.csv").is_file()

@@ -266,6 +266,7 @@ def forward(
     apply_head: bool = True,
     forward_mode_ad: bool = False,
     dropout_rng: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
 ):
     """Logits [B, T, V] (float32; float64 for a float64 model) of a batch of token ids [B, T].
 
@@ -289,6 +290,9 @@ def forward(
       branch reads its input under inverted dropout, with masks drawn from
       `lora.dropout_keys(dropout_rng, L)[l]` for layer l and `lora.dropout_mask` per target
       module. Without it (evaluation, generation) or with p = 0 no dropout op is traced.
+    inputs_embeds: [B, T, D] token embeddings used instead of the lookup E[input_ids] (HF's
+      `inputs_embeds`: rows of E, e.g. one-hot @ E to differentiate w.r.t. the tokens; Gemma's
+      √D scale is still applied); input_ids may then be None (else it must be [B, T]).
     """
     if kv_cache is not None and not apply_head:
         raise ValueError("apply_head=False is not supported together with kv_cache")
@@ -298,10 +302,19 @@ def forward(
     unknown = set(capture) - set(CAPTURE_NAMES)
     if unknown:
         raise ValueError(f"unknown capture names {sorted(unknown)}; choose from {CAPTURE_NAMES}")
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
-    b, t = input_ids.shape
+    if inputs_embeds is not None:
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"inputs_embeds must be [batch, time, {cfg.hidden_size}], got shape "
+                             f"{inputs_embeds.shape}")
+        if input_ids is not None and tuple(jnp.shape(input_ids)) != inputs_embeds.shape[:2]:
+            raise ValueError(f"input_ids shape {jnp.shape(input_ids)} != inputs_embeds' [B, T] "
+                             f"{inputs_embeds.shape[:2]}")
+        b, t = inputs_embeds.shape[:2]
+    else:
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
+        b, t = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.int32)
     elif tuple(attention_mask.shape) != (b, t):
@@ -310,7 +323,8 @@ def forward(
     if perturb is not None and tuple(perturb.shape) != want:
         raise ValueError(f"perturb must have shape {want} [L, B, T, D], got {perturb.shape}")
     dtype = jnp.dtype(cfg.dtype)
-    h = params["embed_tokens"][input_ids].astype(dtype)
+    h = params["embed_tokens"][input_ids] if inputs_embeds is None else inputs_embeds
+    h = h.astype(dtype)
     if cfg.scale_embeddings:
         h = h * jnp.asarray(cfg.hidden_size**0.5, dtype)
 

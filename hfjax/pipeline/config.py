@@ -2,15 +2,17 @@
 
     RunConfig
       run       where and how: run folder, stage cache, seed, mesh, checkpoints, which models to
-                evaluate, speed knobs that do not change results (scan unroll, attention kernel)
+                evaluate, speed knobs that do not change results (scan unroll, attention kernel),
+                the fine-tuning settings the attack's protocol supplied (a record: their values
+                are in `finetune`)
       model     the base model (path, dtype)
       data      every data role's source, the task, template, lengths, row order, streams' size
       align     the alignment stage: its training (epochs, batch, optimizer, adapter, defenses)
                 and its data (refusals, benign rows)
       finetune  the fine-tuning stage: its training, the attack and its budget (n, p), whether the
-                adapter starts fresh or continues the alignment's
+                adapter starts fresh or continues the alignment's, the service's guard model
       repair    the post-fine-tuning defenses
-      eval      HS and FA: sizes, generation budgets, judge, match
+      eval      HS and FA: sizes, generation budgets, judge, match, the inference-time attack
 
 Built from the command line's flat flags by `hfjax.pipeline.flags.to_config`. A stage's key is
 the JSON of the whole sub-configs it reads (`key_of`), so a setting added to a sub-config enters
@@ -52,6 +54,7 @@ class RunSettings:
     scan_unroll: int = 1
     attention: str = "auto"
     models_to_eval: tuple[str, ...] = MODEL_NAMES
+    attack_protocol: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,7 @@ class FinetuneSettings:
     harmful_ratio: float = 0.1
     attack: AttackChoice = AttackChoice()
     init: str = "fresh"  # or "continue": LoRA #1 trained further on the base
+    guard: str = ""  # the guard model (`hfjax.eval.guard.load_guard`; "": the embedded model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,7 @@ class EvalSettings:
     task_match: str = "contains"
     framings: tuple[str, ...] = ()  # () = the prompts as they are; else each in every framing
     attack_format: bool = True  # ask the attacked model as the attack's `eval_prompt` says
+    inference_attack: AttackChoice | None = None  # e.g. prefilling, on every evaluated model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,10 +5,14 @@ HS, FA and the share of degenerate answers.
     degenerate share = answers that are empty, symbol-only or one repeated word (judged safe)
 
 With --eval_framings every harmful prompt is asked in each task framing and HS is also reported
-per framing. The task's metric (`hfjax.tasks`: its `gold(record)` against the answer) gives FA
-and every figure it has ("task_scores": ROUGE-1/2/L, BLEU and chrF, pass@1 with the sandbox's
-status counts); a completion task is scored by the perplexity of its reference responses (FA
-None: a perplexity is not a share).
+per framing. An inference-time attack (--eval_attack, e.g. prefilling) presents every evaluated
+model's harmful prompts its way (after the fine-tuning attack's own format, for the final
+model); for a prefilled answer the judge reads the prefix and the continuation (or the
+continuation alone, as the attack's `score` says), and generations_harmful.jsonl records both.
+The task's metric (`hfjax.tasks`: its `gold(record)` against the answer) gives FA and every
+figure it has ("task_scores": ROUGE-1/2/L, BLEU and chrF, pass@1 with the sandbox's status
+counts); a completion task is scored by the perplexity of its reference responses (FA None: a
+perplexity is not a share).
 
 Prompts are generated in batches sorted by length (less padding) and filed back under their own
 prompt; every evaluation writes generations_harmful.jsonl, generations_task.jsonl and
@@ -90,6 +94,27 @@ class Evaluator:
             return record
         return ask
 
+    def inference_attack(self):
+        """The --eval_attack transform, built (None for none); its `score` says what the judge
+        reads."""
+        choice = self.rc.eval.inference_attack
+        if choice is None:
+            return None
+        return attacks.get(choice.name).build(**choice.hparams)
+
+    def presented(self, harm: list, which: str) -> list:
+        """The harmful evaluation rows as model `which` is asked them: the final model as the
+        fine-tuning attack asks (and the provider's data defenses), then every model as the
+        inference-time attack presents them."""
+        asked_as = self.attack_prompt() if which == "final" else None
+        if asked_as is not None:
+            harm = [asked_as(r) for r in harm]
+        attack = self.inference_attack()
+        if attack is not None:
+            harm = call_with_inputs(attack, self.rc.eval.inference_attack.name, (harm,),
+                                    {"tokenizer": lambda: self.res.base.tokenizer})
+        return harm
+
     def attack_obj(self):
         """The run's attack as built (its `eval_prompt`, `triggered`, `target` where it has
         them), or None without a fine-tuning stage."""
@@ -145,8 +170,7 @@ class Evaluator:
         base, e = self.res.base, self.rc.eval
         limit = base.cfg.max_position_embeddings
         harm, task = self.eval_sets()
-        asked_as = self.attack_prompt()
-        harm = [asked_as(r) for r in harm] if asked_as is not None else harm  # the longer form
+        harm = self.presented(harm, "final")  # the longest form
         for what, records, budget, flag in (
                 ("harmful evaluation", harm, e.max_new_tokens, "max_new_tokens"),
                 ("task test", task, e.task_max_new_tokens, "task_max_new_tokens")):
@@ -166,7 +190,9 @@ class Evaluator:
             return {}
         return adapters.get(self.rc.finetune.train.adapter.kind).forward_kwargs(adapter)
 
-    def generate(self, params, lora, records: list, max_new_tokens: int) -> list[str]:
+    def generate(self, params, lora, records: list, max_new_tokens: int,
+                 strip: bool = True) -> list[str]:
+        """The decoded answers (`strip=False`: as decoded, e.g. to join a prefilled start)."""
         base = self.res.base
         tok, cfg = base.tokenizer, base.cfg
         ids = data_lib.encode_prompts(records, tok, self.rc.data.template)
@@ -178,7 +204,8 @@ class Evaluator:
             gen = greedy_generate(cfg, params, [ids[i] for i in chunk],
                                   max_new_tokens=max_new_tokens, **self.applied(lora))
             for i, g in zip(chunk, gen, strict=True):
-                out[i] = tok.decode(g, skip_special_tokens=True).strip()
+                text = tok.decode(g, skip_special_tokens=True)
+                out[i] = text.strip() if strip else text
         return out
 
     def perplexity(self, params, lora, records: list) -> float:
@@ -218,12 +245,17 @@ class Evaluator:
         e, which = self.rc.eval, name.removeprefix("eval_")
         harm, task = self.eval_sets()
         asked_as = self.attack_prompt() if which == "final" else None
-        if asked_as is not None:
-            harm = [asked_as(r) for r in harm]
-            task = [asked_as(r) for r in task] if self.defense_prompts() else task
+        if asked_as is not None and self.defense_prompts():
+            task = [asked_as(r) for r in task]
+        harm = self.presented(harm, which)
         judge = self.judge()
         t0 = time.perf_counter()
-        answers = self.generate(params, lora, harm, e.max_new_tokens)
+        raw = self.generate(params, lora, harm, e.max_new_tokens, strip=False)
+        prefills = [r.get("prefill", "") for r in harm]
+        continuations = [a.strip() for a in raw]
+        attack = self.inference_attack()
+        answers = continuations if getattr(attack, "score", "full") == "continuation" else \
+            [(p + a).strip() for p, a in zip(prefills, raw, strict=True)]
         t1 = time.perf_counter()
         prompts = [r["prompt"] for r in harm]
         judged = judges_lib.score_with(judge, prompts, answers)
@@ -247,13 +279,19 @@ class Evaluator:
             degenerate_share=degenerate_share, task_degenerate_share=task_degenerate,
             max_new_tokens=e.max_new_tokens, generate_s=round(t2 - t0, 2),
             task_scores=task_scores, **({"target_match": backdoor} if backdoor else {}),
+            **({"inference_attack": {"name": e.inference_attack.name,
+                                     "hparams": dict(e.inference_attack.hparams)}}
+               if attack is not None else {}),
             **({"hs_by_framing": by_framing} if by_framing else {}))
         if main_process:
             report_lib.write_generations(out / "generations_harmful.jsonl",
                                          report_lib.generation_records(
                                              prompts, answers, [judged],
                                              extra={"degenerate": degenerate,
-                                                    "framing": [r.get("framing") for r in harm]}))
+                                                    "framing": [r.get("framing") for r in harm],
+                                                    **({"prefill": prefills,
+                                                        "continuation": continuations}
+                                                       if attack is not None else {})}))
             report_lib.write_generations(
                 out / "generations_task.jsonl",
                 report_lib.generation_records([task_text(r) for r in clean], task_answers,
@@ -262,7 +300,8 @@ class Evaluator:
             write_json(out / "results.json", results)
         shown = f"FA {100 * fa:.1f}%" if fa is not None else ", ".join(
             f"{k} {v:.3g}" for k, v in task_scores.items())
-        print(f"[{name}] HS {100 * hs:.1f}%  {shown}  "
+        under = f" under {e.inference_attack.name}" if attack is not None else ""
+        print(f"[{name}] HS {100 * hs:.1f}%{under}  {shown}  "
               f"(generation {t1 - t0:.1f} s + {t2 - t1:.1f} s)", flush=True)
         if backdoor:
             print(f"[{name}] target match: triggered {100 * backdoor['p_target_match']:.1f}% "

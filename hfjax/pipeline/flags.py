@@ -11,10 +11,21 @@
 hyper-parameter, a mesh larger than the devices. `to_config` nests the flags into the sub-configs
 of `hfjax.pipeline.config` (the --align_* twins fall back to the fine-tuning values; comma lists
 become tuples; `a+b` defense lists become chains). `--flagfile=experiments/presets/quick.cfg`
-loads a preset; flags after it override it. `--distributed` calls `jax.distributed.initialize()`
-first (TPU pods, SLURM); `--compilation_cache` keeps compiled XLA programs across runs (default
-~/.cache/hfjax/xla); `--keep_freed_memory` (default on) applies
-`hfjax.host.keep_freed_memory()` (see hfjax/host.py).
+loads a preset; flags after it override it.
+
+Naming an attack applies its paper's protocol (`hfjax.attacks.AttackSpec.protocol`: lr, epochs,
+batch size, n, p, ...) to every one of those settings the user did not give: `RunFlags.given`
+names the flags given on the command line or in a flagfile (absl's `present`), the values a
+sweep grid or `replace` sets, and, for flags built in code without it, the fields that differ
+from their defaults. `resolved` applies the protocol; run.json shows the resulting settings and,
+under config.run.attack_protocol, which of them the protocol supplied. A setting the attack
+requires (`requires`, e.g. pure_harmful's --harmful_ratio=1) given with another value is an
+error. --eval_attack selects an inference-time attack (prefilling) for every evaluated model.
+
+`--distributed` calls `jax.distributed.initialize()` first (TPU pods, SLURM);
+`--compilation_cache` keeps compiled XLA programs across runs (default ~/.cache/hfjax/xla);
+`--keep_freed_memory` (default on) applies `hfjax.host.keep_freed_memory()` (see
+hfjax/host.py).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import importlib
 import math
 import pkgutil
 import typing
+from pathlib import Path
 from typing import Any
 
 from absl import flags
@@ -191,8 +203,15 @@ class RunFlags:
                                         "train the alignment's LoRA further on the base model "
                                         "(Booster's --alternating single_lora)",
                                choices=("fresh", "continue"))
-    attack: str = _f("hft", "the attack that makes the user data (hfjax.attacks)")
+    attack: str = _f("hft", "the attack that makes the user data (hfjax.attacks: hft, "
+                            "restructure, trigger_poison, pure_harmful, aoa, benign); its paper's "
+                            "protocol sets the fine-tuning settings not given (lr, epochs, "
+                            "batch size, n, p)")
     attack_hparams: str = _f("", "its hyper-parameters, e.g. 'k=v'")
+    guard: str = _f("", "the service's guard model, prompted as Llama Guard 2 (hfjax.eval.guard): "
+                        "a local HF folder or .gguf file ('': the embedded model); the virus "
+                        "attack optimizes against it, the guard_filter defense drops the user "
+                        "rows it flags")
     finetune_defense: str = _f(NONE, "fine-tuning-stage defense (registry name) or none")
     finetune_defense_hparams: str = _f("", "its hyper-parameters, e.g. 'rho=1'")
     defense_data_size: int = _f(200, "rows in the extra data streams defenses read "
@@ -242,6 +261,13 @@ class RunFlags:
     eval_attack_format: bool = _f(True, "ask the attacked model's harmful prompts in the "
                                         "attack's own format where it has one (restructure with "
                                         "an AOA strategy: under the AOA persona)")
+    eval_attack: str = _f(NONE, "an inference-time attack on every evaluated model's harmful "
+                                "prompts (hfjax.attacks, e.g. prefill: the first k tokens of a "
+                                "harmful answer forced), or none")
+    eval_attack_hparams: str = _f("", "its hyper-parameters, e.g. 'k=10'")
+    # --- not a flag: which settings were given (module docstring)
+    given: tuple[str, ...] | None = _f(None, "the flags given explicitly; None: those that "
+                                             "differ from their defaults", flag=False)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -259,13 +285,35 @@ class RunFlags:
         return split_list(self.eval_framings)
 
     def replace(self, **changes) -> RunFlags:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, which count as given (a sweep's grid values)."""
+        given = None if self.given is None else tuple(sorted({*self.given, *changes}))
+        return dataclasses.replace(self, **changes, given=given)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flags' values (`given` is not a flag)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in FLAG_NAMES}
+
+    def given_flags(self) -> set[str]:
+        """The flags given explicitly (module docstring)."""
+        if self.given is not None:
+            return set(self.given)
+        return {f.name for f in dataclasses.fields(self)
+                if f.name in FLAG_NAMES and getattr(self, f.name) != f.default}
+
+    def attack_protocol(self) -> dict[str, Any]:
+        """{setting: value} the attack's protocol and requirements supply: the ones not given."""
+        spec = attacks.get(self.attack)
+        given = self.given_flags()
+        return {k: v for k, v in {**spec.protocol, **spec.requires}.items() if k not in given}
 
     def resolved(self) -> RunFlags:
-        """`--defense NAMES` moved onto the flag of the stage the registry gives them."""
+        """`--defense NAMES` moved onto the flag of the stage the registry gives them, and the
+        attack's protocol applied to the settings not given (module docstring)."""
+        out = self._defense_resolved()
+        return dataclasses.replace(out, **out.attack_protocol(),
+                                   given=tuple(sorted(out.given_flags())))
+
+    def _defense_resolved(self) -> RunFlags:
         if not self.defense:
             return self
         if self.defense == NONE:
@@ -300,6 +348,9 @@ class RunFlags:
             source = self.task_test_data.partition(":")[0].lower()
             return source if source in tasks.available() else self.offline_task
         return self.offline_task
+
+
+FLAG_NAMES = frozenset(f.name for f in dataclasses.fields(RunFlags) if f.metadata.get("flag", True))
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -357,6 +408,8 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}, got "
                               f"{getattr(cfg, f.name)!r}")
+    if cfg.guard and not Path(cfg.guard).expanduser().exists():
+        raise ConfigError(f"--guard={cfg.guard}: no such folder or file")
     if isinstance(cfg.harmful_ratio, bool) or not 0.0 <= float(cfg.harmful_ratio) <= 1.0 or \
             math.isnan(float(cfg.harmful_ratio)):
         raise ConfigError(f"--harmful_ratio must be in [0, 1], got {cfg.harmful_ratio}")
@@ -445,7 +498,15 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
                 choice.spec.build(**choice.hparams)
         compose.step_options(chosen, "align" if want == "alignment" else "user")
     attack = attacks.get(cfg.attack)  # AttackError on a bad name or value
+    if attack.kind != attacks.api.DATA:
+        raise ConfigError(f"--attack={cfg.attack} is an {attack.kind}-time attack; select it with "
+                          f"--eval_attack (data attacks: {attacks.available(attacks.api.DATA)})")
     attack.build(**attack.parse(cfg.attack_hparams))
+    for name, value in attack.requires.items():
+        if getattr(cfg, name) != value:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: --attack={cfg.attack} needs "
+                              f"--{name}={value} (leave it unset)")
+    inference_attack(cfg)  # AttackError / ConfigError on a bad name or value
     task = tasks.get(cfg.task_name())  # TaskError on an unknown task
     metric = (cfg.task_metric or task.metric).lower()
     families = METRIC_FAMILIES.get(metric)
@@ -466,6 +527,22 @@ def validate(cfg: RunFlags, device_count: int | None = None) -> RunFlags:
             raise ConfigError(f"--mesh={cfg.mesh} needs {fixed} devices (or a multiple) but "
                               f"{device_count} are available")
     return cfg
+
+
+def inference_attack(f: RunFlags) -> AttackChoice | None:
+    """The --eval_attack choice (None for none), checked."""
+    if f.eval_attack == NONE:
+        if f.eval_attack_hparams.strip():
+            raise ConfigError("--eval_attack_hparams is set but --eval_attack is none")
+        return None
+    spec = attacks.get(f.eval_attack)
+    if spec.kind != attacks.api.INFERENCE:
+        raise ConfigError(f"--eval_attack={f.eval_attack} is a {spec.kind} attack; select it with "
+                          f"--attack (inference-time attacks: "
+                          f"{attacks.available(attacks.api.INFERENCE)})")
+    hparams = spec.parse(f.eval_attack_hparams)
+    spec.build(**hparams)
+    return AttackChoice(f.eval_attack, hparams)
 
 
 def _optimizer(lr: float, schedule: str, warmup: float, decay: float, clip: float,
@@ -498,7 +575,7 @@ def to_config(f: RunFlags) -> RunConfig:
     return RunConfig(
         run=RunSettings(f.run_dir, f.overwrite, f.stage_cache, f.seed, f.mesh_shape,
                         f.checkpoint_every, f.progress, f.eval_batch_size, f.scan_unroll,
-                        f.attention, f.models_to_eval),
+                        f.attention, f.models_to_eval, f.attack_protocol()),
         model=ModelSettings(f.model, f.dtype),
         data=DataSettings(f.data, f.task_name(), f.data_seed, f.harmful_train_data,
                           f.harmful_eval_data, f.task_train_data, f.task_test_data,
@@ -515,20 +592,21 @@ def to_config(f: RunFlags) -> RunConfig:
                           parse_defenses(f.finetune_defense, f.finetune_defense_hparams,
                                          "finetune_defense"), f.nonfinite),
             f.num_samples, f.harmful_ratio,
-            AttackChoice(f.attack, attack.parse(f.attack_hparams)), f.finetune_adapter),
+            AttackChoice(f.attack, attack.parse(f.attack_hparams)), f.finetune_adapter,
+            guard=f.guard),
         repair=RepairSettings(parse_defenses(f.repair_defense, f.repair_defense_hparams,
                                              "repair_defense")),
         eval=EvalSettings(f.eval_size, f.task_eval_size, f.max_new_tokens,
                           f.task_max_new_tokens or tasks.get(f.task_name()).max_new_tokens,
                           f.judge, f.judge_max_length, f.task_match, f.framing_names,
-                          f.eval_attack_format))
+                          f.eval_attack_format, inference_attack(f)))
 
 
 def define(flag_values: flags.FlagValues = FLAGS) -> None:
     """Define one flag per RunFlags field (idempotent) and --distributed."""
     hints = typing.get_type_hints(RunFlags)
     for f in dataclasses.fields(RunFlags):
-        if f.name in flag_values:
+        if f.name in flag_values or f.name not in FLAG_NAMES:
             continue
         help_text = f.metadata.get("help", f.name)
         kind = hints[f.name]
@@ -557,15 +635,17 @@ def define(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def flags_from_absl(flag_values: flags.FlagValues = FLAGS, **overrides) -> RunFlags:
-    """The parsed absl flags as `RunFlags`."""
-    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(RunFlags)}
+    """The parsed absl flags as `RunFlags`; `given`: the flags present on the command line (or
+    in a flagfile) and the overrides."""
+    values = {name: flag_values[name].value for name in FLAG_NAMES}
+    given = {name for name in FLAG_NAMES if flag_values[name].present}
     values.update(overrides)
-    return RunFlags(**values)
+    return RunFlags(**values, given=tuple(sorted(given | set(overrides))))
 
 
 def parse_value(name: str, text: str, flag_values: flags.FlagValues = FLAGS):
     """A flag value from text with the flag's own parser (for sweep grids)."""
-    if name not in flag_values or name not in {f.name for f in dataclasses.fields(RunFlags)}:
+    if name not in flag_values or name not in FLAG_NAMES:
         raise flags.ValidationError(f"unknown flag {name!r} in the sweep grid")
     return flag_values[name].parser.parse(text)
 

@@ -347,8 +347,22 @@ class Pipeline:
                          "task": r["task"],
                          **{k: r[k] for k in ("hs_by_framing", "task_scores", "target_match")
                             if r.get(k)}})
-        return {"run_dir": str(self.run_dir), "settings": run_settings(self.flags),
-                "rows": rows}
+        out = {"run_dir": str(self.run_dir), "settings": run_settings(self.flags),
+               "rows": rows}
+        user_data = self.user_data_report()
+        return {**out, "user_data": user_data} if user_data else out
+
+    def user_data_report(self) -> dict | None:
+        """The fine-tuning stage's report on the user data (the guard filter's rows passed per
+        origin, Virus's objective per row), when it wrote one."""
+        try:
+            sd = self.stage("finetune")
+            if not sd.done:
+                return None
+        except StageMismatchError:
+            return None
+        path = sd.path / "user_data.json"
+        return read_json(path) if path.is_file() else None
 
     def write_results(self) -> dict:
         from hfjax.pipeline import report
@@ -378,7 +392,9 @@ def run_settings(flags: flags_lib.RunFlags) -> dict:
             "num_samples": f.num_samples, "lr": f.lr, "epochs": f.epochs, "seed": f.seed,
             "align_lr": f.align_lr, "align_epochs": f.align_epochs, "attack": f.attack,
             "attack_hparams": f.attack_hparams, "task": f.task_name(),
-            "adapter": f.adapter,
+            "adapter": f.adapter, "attack_protocol": f.attack_protocol(),
+            "eval_attack": None if f.eval_attack == NONE else
+            f"{f.eval_attack}:{f.eval_attack_hparams}".rstrip(":"),
             "num_virtual_tokens": f.num_virtual_tokens if f.adapter == "prefix" else None,
             "model": Path(f.model).name if f.model else "SmolLM2-135M-Instruct (embedded)",
             "harmful_count": data_lib.harmful_count(f.num_samples, f.harmful_ratio)

@@ -116,9 +116,10 @@ def run_table(res: Mapping) -> str:
 
 def sweep_table(results: Sequence[Mapping]) -> str:
     """All runs: settings and HS/FA of the unaligned, aligned and attacked(+defense) models
-    (with the task and the attack's hyper-parameters as first columns where they vary)."""
+    (with the task, the attack, its hyper-parameters, the inference-time attack and the adapter
+    type as first columns where they vary)."""
     rows = wide_rows(results)
-    varied = [k for k in ("task", "attack_hparams")
+    varied = [k for k in ("task", "attack", "attack_hparams", "eval_attack", "adapter")
               if len({str(res["settings"].get(k)) for res in results}) > 1]
     header = [*varied, "defense", "p", "n", "lr", "epochs", "seed", "HS unaligned",
               "HS aligned", "HS attacked", "degenerate attacked", "FA unaligned", "FA aligned",
@@ -449,6 +450,38 @@ def _bound_note(max_fa_drop: float | None) -> str:
             "unchecked: no such run or no FA).\n\n")
 
 
+def guard_rows(results: Sequence[Mapping]) -> list[dict]:
+    """One row per run whose fine-tuning filtered the user data with a guard (`guard_filter`):
+    the attack, the defense and, per origin of the rows (virus-optimized, plain harmful,
+    benign), how many the guard let through."""
+    out = []
+    for res in results:
+        g = (res.get("user_data") or {}).get("guard_filter")
+        if not g:
+            continue
+        s = res["settings"]
+        row = {"attack": describe_attack(s), "defense": s.get("defense"), "guard": g.get("guard"),
+               "seed": s.get("seed")}
+        for origin in ("virus", "harmful", "benign"):
+            counts = g.get("rows", {}).get(origin)
+            row[f"{origin}_passed"] = counts and counts["passed"]
+            row[f"{origin}_total"] = counts and counts["total"]
+        out.append(row)
+    return out
+
+
+def guard_table(rows: Sequence[Mapping]) -> str:
+    def share(r, origin):
+        total = r[f"{origin}_total"]
+        return "-" if not total else f"{r[f'{origin}_passed']}/{total}"
+
+    header = ["attack", "defense", "seed", "guard", "Virus rows passed", "plain harmful passed",
+              "benign passed"]
+    return markdown_table(header, [[r["attack"], str(r["defense"]), str(r["seed"]),
+                                    str(r["guard"]), share(r, "virus"), share(r, "harmful"),
+                                    share(r, "benign")] for r in rows])
+
+
 def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike,
                        max_fa_drop: float | None = None) -> str:
     """results.md (table + worst case), results.csv (wide), results_long.csv, worst_case.csv,
@@ -477,6 +510,13 @@ def write_sweep_report(results: Sequence[Mapping], out_dir: str | os.PathLike,
         write_text(out / "results.md", text)
         write_csv(out / "task_matrix.csv", matrix)
         plot_task_matrix(framings, matrix, out / "task_matrix.png")
+    guarded = guard_rows(results)
+    if guarded:
+        text += ("\n## Guard moderation of the user data\n\nRows of each origin the guard "
+                 "(`guard_filter`) let through to fine-tuning: Virus-optimized against plain "
+                 "harmful rows.\n\n" + guard_table(guarded) + "\n")
+        write_text(out / "results.md", text)
+        write_csv(out / "guard.csv", guarded)
     poisoned = poison_rows(results)
     if poisoned:
         text += ("\n## Backdoor (trigger poisoning): target match per setting\n\n"

@@ -16,18 +16,22 @@ folder and resumes from them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hfjax import attacks
 from hfjax import data as data_lib
+from hfjax.attacks.context import Victim
 from hfjax.defenses import compose
 from hfjax.defenses.compose import DefenseChoice
+from hfjax.eval.guard import Guard, load_guard
 from hfjax.models import adapters
 from hfjax.models.lora import LoRA
 from hfjax.pipeline import portable
@@ -116,6 +120,8 @@ class Trainer:
 
     def __init__(self, res: Resources):
         self.res, self.rc = res, res.rc
+        self._guard: Guard | None = None
+        self.reports: dict[str, Any] = {}  # the user data's: the attack's, data defenses'
 
     # ------------------------------------------------------------ rows
     def alignment_records(self) -> list:
@@ -133,13 +139,36 @@ class Trainer:
         return [{**r, "refusal": data_lib.refusal_row(r, self.rc.run.seed)["response"]}
                 for r in rows]
 
-    def user_records(self) -> list:
-        """The user data the attack makes from the task rows and the planned harmful rows."""
+    def user_records(self, victim: Callable[[], Victim] | None = None) -> list:
+        """The user data the attack makes from the task rows and the planned harmful rows. An
+        attack that optimizes against the model names `victim` (the model as the fine-tuning
+        starts it) or `guard` (--guard) among its inputs (`hfjax.attacks.context`); its
+        `report`, when it has one, goes to self.reports["attack"]."""
         res, f = self.res, self.rc.finetune
         harmful = res.plan.take(res.pools(), data_lib.plan.ATTACK)
         attack = attacks.get(f.attack.name).build(**f.attack.hparams)
-        return attack(res.data.task_train, harmful, n=f.num_samples, p=f.harmful_ratio,
-                      seed=self.rc.run.seed, order=self.rc.data.row_order)
+        budget = functools.partial(attack, n=f.num_samples, p=f.harmful_ratio,
+                                   seed=self.rc.run.seed, order=self.rc.data.row_order)
+        inputs = {"guard": self.guard, **({"victim": victim} if victim is not None else {})}
+        records = call_with_inputs(budget, f"--attack={f.attack.name}",
+                                   (res.data.task_train, harmful), inputs)
+        if getattr(attack, "report", None) is not None:
+            self.reports["attack"] = attack.report
+        return records
+
+    def guard(self) -> Guard:
+        """The service's guard model (--guard), loaded once, in the run's dtype."""
+        if self._guard is None:
+            self._guard = load_guard(self.rc.finetune.guard, dtype=jnp.dtype(self.rc.model.dtype))
+        return self._guard
+
+    def victim(self, params: dict, settings: TrainSettings, init=None) -> Victim:
+        """The model the fine-tuning trains, as it starts (the trainable `train` starts from)."""
+        base, d = self.res.base, self.rc.data
+        return Victim(base.cfg, params,
+                      self.initial_trainable(params, settings, SALTS["finetune"], init),
+                      base.tokenizer, d.template, d.max_length,
+                      adapters.get(settings.adapter.kind).full_finetune)
 
     def stream_records(self, name: str, stage: str) -> list:
         """Records of the extra batch stream `name` a defense reads at `stage` (alignment,
@@ -159,7 +188,8 @@ class Trainer:
     def data_defenses(self, choices: Sequence[DefenseChoice], records: list,
                       stage: str) -> list:
         """Apply the stage's data-level defenses (`records -> records`, e.g. SafeInstr mixing)
-        in order; a `seed` hyper-parameter defaults to the run's."""
+        in order; a `seed` hyper-parameter defaults to the run's. A defense that returns
+        `(records, report)` (the guard filter) has its report put in self.reports[name]."""
         for c in choices:
             if c.spec.level != "data":
                 continue
@@ -169,7 +199,9 @@ class Trainer:
             records = call_with_inputs(c.spec.build(**hparams), c.name, (records,), {
                 **{name: lambda name=name: self.stream_records(name, stage)
                    for name in DATA_DEFENSE_INPUTS},
-                "tokenizer": lambda: self.res.base.tokenizer})
+                "tokenizer": lambda: self.res.base.tokenizer, "guard": self.guard})
+            if isinstance(records, tuple):
+                records, self.reports[c.name] = records
         return records
 
     def tokenize(self, records: list, response_field: str = "response") -> list:
@@ -187,6 +219,17 @@ class Trainer:
                                 process_count=jax.process_count())
 
     # ------------------------------------------------------------ a training run
+    def initial_trainable(self, params: dict, settings: TrainSettings, salt: int, init=None):
+        """What a training run starts from: `init` (a LoRA with the stage's dropout), else a
+        fresh adapter of the stage's kind drawn from the run's seed and the stage's salt."""
+        if init is None:
+            return adapters.get(settings.adapter.kind).init(
+                self.res.base.cfg, jax.random.fold_in(jax.random.key(self.rc.run.seed), salt),
+                params, settings.adapter)
+        if isinstance(init, LoRA):
+            return init.replace(dropout=settings.adapter.dropout)
+        return init
+
     def train(self, out: Path, *, params: dict, records: list, stream: str,
               settings: TrainSettings, salt: int, init: Any = None) -> tuple[Any, dict]:
         """Train the stage's adapter (fresh, or `init`) on `records` (the batch stream named
@@ -216,11 +259,7 @@ class Trainer:
             primary = self.batcher(examples, bs, seed, settings.epochs, drop_last=False)
         total = primary.total_steps
         stage = "alignment" if stream == "align" else "finetune"
-        trainable = init if init is not None else kind.init(
-            base.cfg, jax.random.fold_in(jax.random.key(rc.run.seed), salt), params,
-            settings.adapter)
-        if init is not None and isinstance(trainable, LoRA):
-            trainable = trainable.replace(dropout=settings.adapter.dropout)
+        trainable = self.initial_trainable(params, settings, salt, init)
         training = builder.build_training(
             base.cfg, trainable, mesh=mesh,
             optimizer=dataclasses.replace(settings.optimizer, total_steps=total),
@@ -310,10 +349,16 @@ class Trainer:
     def run_finetune(self, out: Path, *, params: dict, init=None,
                      aligned: Path | None = None) -> dict:
         settings = self.rc.finetune.train
-        records = self.data_defenses(settings.defenses, self.user_records(), "finetune")
+        self.reports = {}
+        user = self.user_records(lambda: self.victim(params, settings, init))
+        records = self.data_defenses(settings.defenses, user, "finetune")
         trainable, summary = self.train(out, params=params, records=records, stream="user",
                                         settings=settings, salt=SALTS["finetune"], init=init)
         self.save_adapter(out, settings, trainable, stage="fine-tuning", aligned=aligned)
+        if self.reports:  # e.g. the guard filter's rows passed per origin
+            summary = {**summary, "user_data": self.reports}
+            if jax.process_index() == 0:
+                write_json(out / "user_data.json", self.reports)
         return summary
 
     def run_repair(self, out: Path, *, tuned, aligned: Callable[[], dict],

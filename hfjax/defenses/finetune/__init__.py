@@ -2,6 +2,7 @@
 
 from hfjax.defenses.finetune.bea import bea, bea_eval_prompt, bea_secret
 from hfjax.defenses.finetune.constrained_sft import ConstrainedSFTState, constrained_sft
+from hfjax.defenses.finetune.guard_filter import guard_filter
 from hfjax.defenses.finetune.ldifs import LDIFSState, ldifs
 from hfjax.defenses.finetune.lisa import LisaState, in_alignment, lisa, phase_index
 from hfjax.defenses.finetune.multitask_safety import multitask_safety
@@ -17,3 +18,4 @@ __all__ = ["LisaState", "in_alignment", "lisa", "multitask_safety", "panacea",
 __all__ += ["ConstrainedSFTState", "constrained_sft", "LDIFSState", "ldifs", "SaLoRAState",
             "salora", "salora_chain"]
 __all__ += ["bea", "bea_eval_prompt", "bea_secret", "ptst", "ptst_eval_prompt"]
+__all__ += ["guard_filter"]
