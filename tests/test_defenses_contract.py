@@ -32,7 +32,8 @@ GRADIENT = [n for n in defenses.available() if defenses.get(n).level == "gradien
 # Lisa switches state within the steps below (align, align, user, align)
 HPARAMS = {"lisa": {"align_steps": 2, "finetune_steps": 1},
            "t_vaccine": {"layers": 1, "sample_every": 2, "estimate_every": 3},
-           "salora": {"safety_rank": 8}}
+           "salora": {"safety_rank": 8},
+           "tar": {"inner_steps": 2, "tr_every": 1, "adversary_rows": 4, "heldout": "harmful"}}
 STEPS, LR, SEED = 4, 1e-3, 0
 
 
@@ -66,10 +67,13 @@ def step_keys() -> list[jax.Array]:
 
 
 def user_loop(name: str, batches: list[dict]):
-    """docs/defenses.md's loop with defense `name`: (losses, θ before each step and at the end)."""
+    """docs/defenses.md's loop with defense `name`: (losses, θ before each step and at the end).
+    A defense that wraps the optimizer wraps AdamW, per layer where its options ask for it."""
     spec = defenses.get(name)
     loss_fn = make_loss_fn(CFG, BASE)
-    opt = optax.chain(spec.build(**HPARAMS.get(name, {})), optax.adamw(LR))
+    layerwise = spec.step_options(**HPARAMS.get(name, {})).layerwise_optimizer
+    adamw = optim.layerwise_adamw(LR) if layerwise else optax.adamw(LR)
+    opt = optim.chain_around([spec.build(**HPARAMS.get(name, {}))], adamw)
 
     @fast_jit
     def train_step(theta, opt_state, batch, batches, rng):

@@ -12,7 +12,9 @@ from defense_fixtures import sgd_run
 
 STEPS = {"lisa": 12}  # Lisa: K_a 2, K_f 3 over 12 steps (shared with the Lisa phase test)
 HPARAMS = {"booster": (), "lisa": (("align_steps", 2), ("finetune_steps", 3)),
-           "random_vaccine": (), "safe_instr": (), "vaccine": ()}
+           "random_vaccine": (), "safe_instr": (), "vaccine": (),
+           "tar": (("inner_steps", 2), ("tr_every", 1), ("adversary_rows", 4),
+                   ("heldout", "harmful"))}
 
 
 @pytest.mark.parametrize("name", sorted(HPARAMS))

@@ -215,13 +215,14 @@ def test_sweep_binary_writes_table_csv_plot_and_shares_stages(setup, tmp_path,
     assert "[finetune] done already" in out.stdout
 
 
-@pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 264), ("vaccine_paper", 2),
+@pytest.mark.parametrize("preset, runs", [("quick", 2), ("full", 276), ("vaccine_paper", 2),
                                            ("lisa_paper", 2), ("booster_paper", 2),
                                            ("booster_perturb_aware", 2), ("repnoise_gitdisl", 2),
                                            ("safe_instr_gitdisl", 2), ("antidote_paper", 2),
                                            ("multitask_quick", 8), ("mimic_quick", 12),
                                            ("multitask_paper", 8), ("mimic_paper", 12),
-                                           ("poison_quick", 8), ("poison_paper", 288)])
+                                           ("poison_quick", 8), ("poison_paper", 288),
+                                           ("defenses_quick", 12), ("attacks_quick", 24)])
 def test_presets_parse_and_validate(preset, runs, tmp_path, monkeypatch):
     """Every preset's flags exist and every run of its grid passes the checks (no hub needed)."""
     monkeypatch.chdir(ROOT)  # flagfiles name nested flagfiles relative to the repository
@@ -368,6 +369,7 @@ DEFENSE_STAGES = [
     ("repair_defense", "resta", ["align", "finetune", "repair"]),
     ("repair_defense", "random_perturbation", ["align", "finetune", "repair"]),
     ("finetune_defense", "guard_filter", ["align", "finetune"]),
+    ("align_defense", "tar", ["align"]),
 ]
 
 
@@ -386,7 +388,9 @@ def test_every_registered_defense_runs_its_stage_through_the_pipeline(setup, tmp
           "paraphrase": {"finetune_defense_hparams": "guide_data_num=4"},
           "t_vaccine": {"align_defense_hparams": "layers=1,sample_every=2,estimate_every=3"},
           "bea": {"finetune_defense_hparams": "num=4,secret_length=8"},
-          "salora": {"finetune_defense_hparams": "safety_rank=4"}}.get(defense, {})
+          "salora": {"finetune_defense_hparams": "safety_rank=4"},
+          "tar": {"align_defense_hparams": "inner_steps=2,tr_every=1,adversary_rows=2"}
+          }.get(defense, {})
     run = tmp_path / defense
     Pipeline(_config(setup, run, **{flag: defense}, **hp)).run(stages)
     for stage in stages:

@@ -28,6 +28,7 @@ from hfjax.defenses.api import (
     STAGES,
     USER,
     Cost,
+    CostOf,
     DefenseError,
     DefenseSpec,
     Hints,
@@ -50,7 +51,7 @@ from hfjax.defenses.post import antidote, safelora
 
 __all__ = [
     "ALIGN", "HARMFUL", "HINTS", "LEVELS", "STAGES", "USER", "antidote", "available", "booster",
-    "booster_perturb_aware", "Cost", "DefenseError", "DefenseSpec", "get",
+    "booster_perturb_aware", "Cost", "CostOf", "DefenseError", "DefenseSpec", "get",
     "harmful_perturbation_gap", "Hints", "in_alignment", "lisa", "LisaState", "onion_filter",
     "phase_index", "random_perturbation", "random_vaccine", "register", "repnoise",
     "repnoise_loss", "safe_instr", "safe_instr_mix", "safelora", "step_options", "StepOptions",

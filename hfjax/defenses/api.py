@@ -128,6 +128,18 @@ class Cost:
 
 
 @dataclasses.dataclass(frozen=True)
+class CostOf:
+    """A cost that depends on the hyper-parameters (TAR's K inner steps): `of(**hparams) -> Cost`
+    with every hyper-parameter given, `formula` the cost as the docs write it."""
+
+    of: Callable[..., Cost]
+    formula: str
+
+    def __str__(self) -> str:
+        return self.formula
+
+
+@dataclasses.dataclass(frozen=True)
 class StepOptions:
     """Keywords of `hfjax.train.step.make_train_step` that a gradient defense needs.
 
@@ -143,6 +155,11 @@ class StepOptions:
     paired: batch names that come from one record list row by row, padded to one length (RepNoise:
       ("align", "harmful") = each harmful prompt with its refusal and with its harmful answer);
       the first reads the records' "refusal", the others their "response". Not a step keyword.
+    layerwise_optimizer: hfjax's AdamW keeps its state per layer slice of every LoRA leaf
+      (torch's one parameter per layer and module) and skips, as torch's AdamW skips a parameter
+      without a gradient, the slices that the extra arg `trained` marks False, which the
+      defense's `wrap_optimizer` hands it (T-Vaccine; `hfjax.train.optim.layerwise_adamw`).
+      Not a step keyword: the builder's optimizer.
     """
 
     primary: str | tuple[str, ...] = USER
@@ -151,11 +168,12 @@ class StepOptions:
     primary_perturb: Callable[[Any, tuple[int, ...]], Any] | None = None
     batch_sizes: tuple[tuple[str, int], ...] = ()
     paired: tuple[str, ...] = ()
+    layerwise_optimizer: bool = False
 
     def step_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for `make_train_step`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("batch_sizes", "paired")}
+                if f.name not in ("batch_sizes", "paired", "layerwise_optimizer")}
 
     @property
     def batch_names(self) -> tuple[str, ...]:
@@ -171,7 +189,7 @@ class DefenseSpec:
     stage: str
     level: str
     factory: Callable[..., Any]
-    cost: Cost | None
+    cost: Cost | CostOf | None
     batches: tuple[str, ...]
     paper: str
     options: Callable[..., StepOptions] | None = None
@@ -186,6 +204,13 @@ class DefenseSpec:
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword arguments of the factory with their defaults (the paper's values)."""
         return hyperparameters(self.factory)
+
+    def cost_for(self, **hparams) -> Cost | None:
+        """The passes per step with these hyper-parameters (the defaults for the others)."""
+        self._check_names(hparams)
+        if isinstance(self.cost, CostOf):
+            return self.cost.of(**{**self.hyperparameters, **hparams})
+        return self.cost
 
     def _check_names(self, hparams: dict) -> None:
         unknown = set(hparams) - set(self.hyperparameters)
@@ -218,7 +243,8 @@ class DefenseSpec:
 _REGISTRY: dict[str, DefenseSpec] = {}
 
 
-def register(name: str, *, stage: str | tuple[str, ...], level: str, cost: Cost | None = None,
+def register(name: str, *, stage: str | tuple[str, ...], level: str,
+             cost: Cost | CostOf | None = None,
              batches: tuple[str, ...] = (), paper: str = "",
              options: Callable[..., StepOptions] | None = None):
     """Decorator registering a defense factory under `name`.
@@ -229,7 +255,16 @@ def register(name: str, *, stage: str | tuple[str, ...], level: str, cost: Cost 
     A factory may carry `finalize(trainable, opt_state) -> trainable`, which the pipeline applies
     after the stage's last step (Panacea's θ + ε); a data defense's built transform may carry
     `eval_prompt(record, ...) -> record`, how the final model is asked (BEA's secret, PTST's
-    safety system prompt).
+    safety system prompt). A gradient defense whose update must also act after the optimizer
+    returns `hfjax.defenses.compose.around_optimizer(transform, ...)`: its built transform then
+    carries `wrap_optimizer(inner) -> transform`, and the builder's chain
+    (`hfjax.train.optim.chain_around`) puts it around `inner`, everything chained after it
+    (the later defenses, clipping, AdamW and its accumulation), instead of before it: SaLoRA
+    projects AdamW's update as well; T-Vaccine hands AdamW the layers that train (the extra
+    arg `trained`, with `StepOptions(layerwise_optimizer=True)`). In a plain optax loop the
+    same is `transform.wrap_optimizer(optimizer)`.
+    `cost`: a `Cost`, or a `CostOf` where the passes depend on the hyper-parameters (TAR's inner
+    steps; `DefenseSpec.cost_for(**hparams)` gives the `Cost`).
     """
     stages = (stage,) if isinstance(stage, str) else tuple(stage)
     if not stages or any(s not in STAGES for s in stages) or level not in LEVELS:

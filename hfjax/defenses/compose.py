@@ -7,13 +7,22 @@ what each needs: one primary batch (they must agree), the step's activation grad
 needs them, at most one perturbation of the step's own pass, at most one paired stream. The
 declared cost is the sum of the parts less the step's own pass, which they share:
 Σ cost_i − (k − 1)(1F+1B).
+
+A defense whose update must also act after the optimizer builds its transform with
+`around_optimizer`: the transform is the defense's own (what `optax.chain` puts before an
+optimizer) and carries `wrap_optimizer(inner)`, which `hfjax.train.optim.chain_around` (the
+builder's chain) uses to put the defense around everything after it, with one state:
+
+    (u, s) = defense.update(g, s, θ, **extra)
+    (u, s_inner) = inner.update(u, s_inner, θ, **extra, **inner_args(u, s))
+    u = after(u, s)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import optax
 
@@ -63,7 +72,8 @@ def step_options(choices: Sequence[DefenseChoice], default_primary: str) -> Step
         primary_perturb=_one([o.primary_perturb for o in opts], "perturbations of the step's "
                              "own pass", names),
         batch_sizes=tuple(sizes.items()),
-        paired=_one([o.paired or None for o in opts], "paired streams", names) or ())
+        paired=_one([o.paired or None for o in opts], "paired streams", names) or (),
+        layerwise_optimizer=any(o.layerwise_optimizer for o in opts))
 
 
 def transforms(choices: Sequence[DefenseChoice], **run_inputs) -> list:
@@ -85,10 +95,52 @@ def cost(choices: Sequence[DefenseChoice]) -> Cost | None:
     if not choices or any(c.spec.cost is None for c in choices):
         return None
     k = len(choices)
-    return Cost(sum(c.spec.cost.forward for c in choices) - (k - 1),
-                sum(c.spec.cost.backward for c in choices) - (k - 1))
+    costs = [c.spec.cost_for(**c.hparams) for c in choices]
+    return Cost(sum(c.forward for c in costs) - (k - 1), sum(c.backward for c in costs) - (k - 1))
 
 
 def chain(choices: Sequence[DefenseChoice], **run_inputs) -> optax.GradientTransformationExtraArgs:
-    """`optax.chain` of the defenses' transforms (to put before an optimizer)."""
+    """`optax.chain` of the defenses' transforms (to put before an optimizer; where one wraps
+    the optimizer, `hfjax.train.optim.chain_around(transforms(choices), optimizer)` as the
+    builder does)."""
     return optax.chain(*transforms(choices, **run_inputs))
+
+
+class AroundTransformation(optax.GradientTransformationExtraArgs):
+    """A defense's transform (`init`, `update`) that also carries `wrap_optimizer(inner)`."""
+
+    def __new__(cls, init, update, wrap_optimizer: Callable):
+        self = super().__new__(cls, init, update)
+        self.wrap_optimizer = wrap_optimizer
+        return self
+
+
+class AroundState(NamedTuple):
+    defense: Any  # the defense's own state
+    inner: Any  # the state of what it wraps (the later defenses and the optimizer)
+
+
+def around_optimizer(defense: optax.GradientTransformationExtraArgs, *,
+                     inner_args: Callable[[Any, Any], dict] | None = None,
+                     after: Callable[[Any, Any], Any] | None = None) -> AroundTransformation:
+    """`defense`, carrying `wrap_optimizer(inner)` (module docstring): `inner_args(updates,
+    state)` are extra args for `inner` from the defense's new state, `after(updates, state)` the
+    defense's change of `inner`'s update. Chained before an optimizer as usual, it is `defense`
+    alone."""
+    def wrap_optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+        inner = optax.with_extra_args_support(inner)
+
+        def init_fn(params) -> AroundState:
+            return AroundState(defense.init(params), inner.init(params))
+
+        def update_fn(updates, state: AroundState, params=None, **extra):
+            updates, own = defense.update(updates, state.defense, params, **extra)
+            more = inner_args(updates, own) if inner_args is not None else {}
+            updates, rest = inner.update(updates, state.inner, params, **extra, **more)
+            if after is not None:
+                updates = after(updates, own)
+            return updates, AroundState(own, rest)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    return AroundTransformation(defense.init, defense.update, wrap_optimizer)

@@ -15,6 +15,19 @@ initial state with its shardings, and says which batches to feed: the primary (t
 data, or the defense's, e.g. Lisa's phase batch) and every extra stream the defenses read, the
 paired ones among them, and any batch size a defense fixes. The pipeline, the benchmarks and the
 tests all build their steps here; `make_train_step` has no other caller.
+
+A defense whose built transform carries `wrap_optimizer(inner)` (`compose.around_optimizer`) is
+put around everything chained after it, the optimizer and its accumulation included
+(`optim.chain_around`):
+
+    chain(pre…, d_1, …, d_k.wrap_optimizer(chain(d_{k+1}, …, MultiSteps(clip → AdamW))))
+
+so it also acts after the optimizer: SaLoRA projects AdamW's update (B' = B C exactly), T-Vaccine
+hands AdamW the layers that train, and with `StepOptions.layerwise_optimizer` the builder's AdamW
+keeps per-layer state and skips the others as torch's AdamW skips parameters without a gradient
+(`optim.layerwise_adamw`). With no such defense the chain and its state are as before. A user's
+optax optimizer is wrapped the same way but reads no `trained` (its skipped entries see zero
+gradients).
 """
 
 from __future__ import annotations
@@ -74,10 +87,10 @@ def build_training(cfg: ModelConfig, trainable, *, mesh: Mesh,
     run_inputs = {"total_steps": config.total_steps} if config is not None else {}
     chain = [*pre, *compose.transforms(defenses, **run_inputs)]
     if config is not None:
-        opt = optim.make_optimizer(config, pre=chain)
+        opt = optim.make_optimizer(config, pre=chain, layerwise=options.layerwise_optimizer)
         schedule, accumulation = optim.make_schedule(config), config.accumulation_steps
     else:
-        opt, schedule, accumulation = optax.chain(*chain, optimizer), None, 1
+        opt, schedule, accumulation = optim.chain_around(chain, optimizer), None, 1
     st, st_sh = step_lib.init_state(cfg, trainable, opt, mesh=mesh, seed=seed,
                                     full_finetune=full_finetune)
     frozen_sh = state_lib.params_shardings(cfg, mesh)

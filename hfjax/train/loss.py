@@ -233,7 +233,7 @@ def _fused_head_nll_bwd(form, chunk, residuals, cotangents):
 _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
 
 
-LOSS_CAPTURES = ("lens", "token_nll")
+LOSS_CAPTURES = ("lens", "token_nll", "entropy", "hidden_states")
 """Captures the oracle of `make_loss_fn` computes beyond `forward`'s (`CAPTURE_NAMES`), from the
 same forward pass:
 lens: the logit lens of HF's hidden states hs = (s_0, …, s_{L−1}, Norm(s_L)) (`hidden_states`):
@@ -241,7 +241,12 @@ lens: the logit lens of HF's hidden states hs = (s_0, …, s_{L−1}, Norm(s_L))
   `lm_head(norm(hs))`; the last state, already normed, is normed again).
 token_nll: [B, T] −log p_θ(labels_{t+1} | y_≤t) of the model's (softcapped) logits at every
   position, 0 where the target is ignored (`token_nll`); differentiable. It runs the head over
-  all B·T positions and holds the [B, T, V] logits (the loss itself never does)."""
+  all B·T positions and holds the [B, T, V] logits (the loss itself never does).
+entropy: [B, T] −Σ_v p_v log p_v of the model's (softcapped) next-token distribution at every
+  position, padding included (`token_entropy`); differentiable; the head over all B·T positions
+  as token_nll (TAR's tamper-resistance loss).
+hidden_states: HF's `output_hidden_states` [L + 1, B, T, D] (`hidden_states`): the embeddings,
+  the residual stream after layers 1 … L − 1 and the final-normed last one (TAR's retain term)."""
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -251,6 +256,13 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     mask = targets != IGNORE_INDEX
     nll = _token_nll(logits.astype(at_least_float32(logits.dtype)), jnp.where(mask, targets, 0))
     return jnp.where(mask, nll, 0.0)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """[B, T] entropy −Σ_v softmax(z)_v log softmax(z)_v of the logits z [B, T, V] at every
+    position, computed in max(logits dtype, float32)."""
+    logp = jax.nn.log_softmax(logits.astype(at_least_float32(logits.dtype)), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def hidden_states(cfg: ModelConfig, params: dict, input_ids: jax.Array,
@@ -310,7 +322,7 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
         adapter = {} if full_finetune else {
             "prefix" if isinstance(trainable, Prefix) else "lora": trainable}
         from_model = tuple(n for n in capture if n in CAPTURE_NAMES)
-        if "lens" in capture and "residual" not in from_model:
+        if {"lens", "hidden_states"} & set(capture) and "residual" not in from_model:
             from_model += ("residual",)
         out = forward(cfg, params, batch["input_ids"], batch["attention_mask"], **adapter,
                       apply_head=forward_mode_ad, forward_mode_ad=forward_mode_ad,
@@ -323,14 +335,17 @@ def make_loss_fn(cfg: ModelConfig, frozen: dict | None, *, full_finetune: bool =
         else:
             loss, aux = token_cross_entropy(out, batch["labels"])
         aux["vocab_size"] = jnp.asarray(w.shape[0 if vocab_major else 1], jnp.int32)
-        if "lens" in capture:
+        if {"lens", "hidden_states"} & set(capture):
             states = hidden_states(cfg, params, batch["input_ids"], captured["residual"])
+            captured = {**captured, "hidden_states": states}
+        if "lens" in capture:
             captured = {**captured, "lens": lens_loss_sums(cfg, params, states, batch["labels"],
                                                            forward_mode_ad=forward_mode_ad)}
-        if "token_nll" in capture:
+        if {"token_nll", "entropy"} & set(capture):
             logits = out if forward_mode_ad else softcap(head_matmul(out, w, vocab_major),
                                                          cfg.final_logit_softcap)
-            captured = {**captured, "token_nll": token_nll(logits, batch["labels"])}
+            captured = {**captured, "token_nll": token_nll(logits, batch["labels"]),
+                        "entropy": token_entropy(logits)}
         if capture:
             aux["captured"] = {n: captured[n] for n in capture}
         return loss, aux

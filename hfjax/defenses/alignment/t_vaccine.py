@@ -29,10 +29,33 @@ gradient until a layer runs normally: the MLP LoRA trains in the layers from the
 i > 0 when the model has more than 26 layers (trainer.py:219-224). `scope="all"` (the paper's
 description): every LoRA module of the sampled layers and nothing else.
 
-Differences from the official trainer, by design of an optax chain: entries outside M get a zero
-update, so a following Adam still decays their moments, steps on its momentum and applies
-weight decay, whereas torch's AdamW skips parameters without a gradient. The re-estimation runs
-in a `lax.cond`; the train step evaluates only the branch taken.
+The optimizer. The official trainer leaves the entries outside M without a gradient
+(requires_grad False, or no gradient through the checkpointed layers; HF's `zero_grad` sets
+them to None), and torch's AdamW skips such a parameter: no weight decay, no moment update, no
+step count, each LoRA matrix of each layer being its own parameter with its own step. The
+transform zeroes g outside M (so the clip norm is the one over the gradients present) and also
+wraps the optimizer (`hfjax.defenses.compose.around_optimizer`), handing it the extra arg
+`trained` = M per LoRA leaf [L]; hfjax's builder then builds its AdamW per layer
+(`StepOptions.layerwise_optimizer`, `hfjax.train.optim.layerwise_adamw`: optax's scale_by_adam
+and decayed weights vmapped over the layer axis with per-layer state, selected by M; the
+learning rate at the global step, torch's LambdaLR), so entries outside M do not change at all.
+Measured (tests/test_defenses_wrapped_optimizer.py, tiny Llama, float32 on CPU) against a
+float64 mirror of clip_grad_norm_ + torch.optim.AdamW + LambdaLR (warm-up + cosine, weight decay
+0.1, clip acting) fed the same defended gradients, with `.grad` None outside M, 4 optimizer
+steps with and without accumulation over 2 micro-steps: weights within 1.7e-7 (weights ~0.1),
+every per-parameter step count equal, Adam's moments within 1e-5 relative, and the entries
+outside M bitwise unchanged (weights, moments, counts). In a plain optax loop:
+
+    tx = t_vaccine(...)
+    opt = tx.wrap_optimizer(optax.chain(optax.clip_by_global_norm(1.0),
+                                        hfjax.train.optim.layerwise_adamw(lr, weight_decay=0.1)))
+
+`optax.chain(t_vaccine(...), any_optimizer)`, or a builder given a plain optax optimizer, only
+zeroes the gradients outside M: exact for SGD, while Adam would still move those entries by
+momentum and weight decay. Left as in hfjax's step: with accumulation over k > 1 micro-steps the
+counters (sampling every J, estimation every K) count micro-steps, and the optimizer reads the
+last micro-step's M. The re-estimation runs in a `lax.cond`; the train step evaluates only the
+branch taken.
 
 Cost in hfjax's train step: 2F+2B (`activation_grads`: the step's own backward on "align" gives
 G as the hint `perturb_grads`; pass 2 here), plus 1F+1B on the "harmful" batch (1 row by
@@ -46,8 +69,10 @@ every entry: T-Vaccine saves no memory against Vaccine. Measured with XLA's memo
 hfjax's compiled train step on CPU (8-layer width-256 Llama, LoRA r 8 on all seven projections,
 AdamW, batches of 8 x 128 tokens, 2 of 8 layers sampled): temporary memory 211.6 MB for Vaccine,
 211.6 MB (+1 KB) for T-Vaccine with the official 1-row harmful batch, 288.3 MB (+36%) with an
-8-row harmful batch (the re-estimation branch's buffers). For less activation memory use the
-model config's `remat=True`, which applies to every layer.
+8-row harmful batch (the re-estimation branch's buffers). The per-layer AdamW adds one int32
+step count per layer and LoRA matrix to the state and 0.2 MB of temporaries (433.2 → 433.4 MB,
+same setting with MLP width 1024, vocabulary 4096, clip + cosine AdamW). For less activation
+memory use the model config's `remat=True`, which applies to every layer.
 """
 
 from __future__ import annotations
@@ -69,6 +94,7 @@ from hfjax.defenses.api import (
     check_update,
     register,
 )
+from hfjax.defenses.compose import around_optimizer
 from hfjax.models.lora import LoRA
 
 PAPER = ("Liu, Lin, Huang, Mo, Mu, Shen. Targeted Vaccine: Safety Alignment for Large Language "
@@ -107,14 +133,17 @@ def trained_layers(active: jax.Array, scope: str) -> dict[str, jax.Array]:
     return {"attention": active, "mlp": jnp.cumsum(run_with_grads) > 0}
 
 
+def layer_masks(lora: LoRA, trained: dict[str, jax.Array]) -> LoRA:
+    """The [L] bool mask of every LoRA leaf: the trained layers of its module kind."""
+    return lora.replace(weights={
+        name: {k: trained["attention" if name in ATTENTION else "mlp"] for k in ab}
+        for name, ab in lora.weights.items()})
+
+
 def mask_lora(grads: LoRA, trained: dict[str, jax.Array]) -> LoRA:
     """Zero the LoRA gradients [L, ...] of the layers not trained, per module kind."""
-    def mask(name: str, w: jax.Array) -> jax.Array:
-        m = trained["attention" if name in ATTENTION else "mlp"]
-        return w * m.reshape(-1, *(1,) * (w.ndim - 1)).astype(w.dtype)
-
-    return grads.replace(weights={name: {k: mask(name, w) for k, w in ab.items()}
-                                  for name, ab in grads.weights.items()})
+    return jax.tree.map(lambda w, m: w * m.reshape(-1, *(1,) * (w.ndim - 1)).astype(w.dtype),
+                        grads, layer_masks(grads, trained))
 
 
 def _activation_grads(loss_fn, params, batch: dict) -> jax.Array:
@@ -134,7 +163,7 @@ def _num_layers(params) -> int:
 def _options(rho: float, layers: int, sample_every: int, estimate_every: int,
              harmful_batch_size: int, scope: str) -> StepOptions:
     return StepOptions(primary=ALIGN, activation_grads=True,
-                       batch_sizes=((HARMFUL, harmful_batch_size),))
+                       batch_sizes=((HARMFUL, harmful_batch_size),), layerwise_optimizer=True)
 
 
 @register("t_vaccine", stage="alignment", level="gradient", cost=Cost(2, 2),
@@ -145,7 +174,8 @@ def t_vaccine(rho: float = 3.0, layers: int = 8, sample_every: int = 20,
     """Vaccine on `layers` layers drawn every `sample_every` steps from harmful gradient norms
     re-estimated every `estimate_every` steps (see the module doc); replaces the incoming
     gradient. Reads loss_fn, batches["align"], batches["harmful"] and rng; the hint
-    perturb_grads = G saves a pass."""
+    perturb_grads = G saves a pass. `.wrap_optimizer(opt)` also hands opt the extra arg
+    `trained` (`hfjax.train.optim.layerwise_adamw` reads it)."""
     if not rho >= 0:
         raise DefenseError(f"T-Vaccine's rho must be >= 0, got {rho}")
     for name, value in (("layers", layers), ("sample_every", sample_every),
@@ -187,4 +217,8 @@ def t_vaccine(rho: float = 3.0, layers: int = 8, sample_every: int = 20,
         grads = jax.grad(lambda p: loss_fn(p, batch, perturb=eps)[0])(params)
         return mask_lora(grads, trained_layers(active, scope)), TVaccineState(t + 1, probs, active)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def trained(updates: LoRA, state: TVaccineState) -> dict:
+        return {"trained": layer_masks(updates, trained_layers(state.active, scope))}
+
+    return around_optimizer(optax.GradientTransformationExtraArgs(init_fn, update_fn),
+                            inner_args=trained)
