@@ -124,7 +124,8 @@ def sweep_table(results: Sequence[Mapping]) -> str:
     header = [*varied, "defense", "p", "n", "lr", "epochs", "seed", "HS unaligned",
               "HS aligned", "HS attacked", "degenerate attacked", "FA unaligned", "FA aligned",
               "FA attacked"]
-    body = [[*(str(res["settings"].get(k)) for k in varied), str(r["defense"]),
+    body = [[*("-" if res["settings"].get(k) in (None, "") else str(res["settings"].get(k))
+               for k in varied), str(r["defense"]),
              str(r["harmful_ratio"]), str(r["num_samples"]), f"{r['lr']:g}", str(r["epochs"]),
              str(r["seed"]), *(_pct(r[f"hs_{m}"]) for m in MODELS), _pct(r["degenerate_final"]),
              *(_pct(r[f"fa_{m}"]) for m in MODELS)]
