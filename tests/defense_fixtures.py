@@ -153,3 +153,18 @@ def count_passes(jaxpr, num_layers: int = CFG.num_layers) -> Cost:
             fwd += sum(c.forward for c in subs)
             bwd += sum(c.backward for c in subs)
     return Cost(fwd, bwd)
+
+
+def assert_8_devices_match_1(name: str, steps: int, hparams: tuple = ()) -> None:
+    """The defense's SGD run on mesh data 2 x fsdp 4 gives the losses and weights of the run on
+    one device (atol 1e-5), and the weights moved (> 1e-4), so the comparison is not vacuous."""
+    single = sgd_run((1, 1, 1), name, steps, hparams)
+    sharded = sgd_run((2, 4, 1), name, steps, hparams)
+    assert np.all(np.isfinite(single["losses"]))
+    np.testing.assert_allclose(sharded["losses"], single["losses"], atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(sharded["thetas"][-1]), jax.tree.leaves(single["thetas"][-1]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(single["thetas"][-1]), jax.tree.leaves(single["thetas"][0]), strict=True))
+    assert moved > 1e-4

@@ -15,6 +15,7 @@ from defense_fixtures import (
     CFG,
     LORA,
     LOSS_FN,
+    assert_8_devices_match_1,
     build_run,
     compile_fast,
     count_passes,
@@ -22,7 +23,6 @@ from defense_fixtures import (
     grad_at,
     make_batch,
     named_batches,
-    sgd_run,
 )
 from defense_fixtures import _sub_jaxprs as sub_jaxprs
 
@@ -429,17 +429,7 @@ def test_full_finetuning_on_8_devices_equals_a_plain_optax_loop_on_the_whole_par
 
 @pytest.mark.parametrize("tr_loss", ["entropy", "dpo"])
 def test_on_8_devices_matches_1_device(tr_loss):
-    hp = tuple({**SMALL, "tr_loss": tr_loss}.items())
-    single = sgd_run((1, 1, 1), "tar", 2, hp)
-    sharded = sgd_run((2, 4, 1), "tar", 2, hp)
-    assert np.all(np.isfinite(single["losses"]))
-    np.testing.assert_allclose(sharded["losses"], single["losses"], atol=1e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(sharded["thetas"][-1]), jax.tree.leaves(single["thetas"][-1]),
-                    strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(
-        jax.tree.leaves(single["thetas"][-1]), jax.tree.leaves(single["thetas"][0]), strict=True))
-    assert moved > 1e-4
+    assert_8_devices_match_1("tar", 2, tuple({**SMALL, "tr_loss": tr_loss}.items()))
 
 
 # --- misuse ---------------------------------------------------------------------------------------
